@@ -1,0 +1,70 @@
+"""Entry point: `torchrun --nproc_per_node N serve_reward_model.py [hydra overrides]` (or `reward-server`)."""
+
+import logging
+import signal
+import sys
+import threading
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import distributed as d
+from .config import ServeConfig, register_schema
+from .engine import Engine, Leader, run_subscriber
+from .inputs import RequestDecoder, SequenceRules
+from .model import load_scalar_scorer
+from .server import RewardService, resolve_access_token, start_triton
+
+log = logging.getLogger("reward_server")
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Run one rank until shutdown; returns the process exit code."""
+    topo = d.init_distributed(cfg.parallel)
+    scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching.max_tokens_per_forward, topo)
+    engine = Engine(scorer, topo)
+    if not topo.is_leader:
+        # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        run_subscriber(engine)
+        d.shutdown()
+        log.info("rank %d exited cleanly", topo.rank)
+        return 0
+
+    max_length = cfg.model.max_length or model_config.max_position_embeddings
+    rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
+    leader = Leader(engine, cfg.parallel.heartbeat_s)
+    service = RewardService(leader, RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), scorer.width)
+    triton = start_triton(cfg, service, resolve_access_token(cfg))
+
+    def drain(signum, _frame):
+        log.info("signal %d: draining and shutting down", signum)
+        def stop():
+            triton.stop()  # waits for requests already in flight; the leader is still serving them
+            leader.close()
+        threading.Thread(target=stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    try:
+        leader.run()
+    except BaseException:
+        log.exception("the reward ranks failed; exiting")
+        triton.stop()
+        return 1
+    d.shutdown()
+    log.info("rank 0 exited cleanly")
+    return 0
+
+
+register_schema()
+
+
+@hydra.main(config_path="pkg://reward_server.conf", config_name="serve_reward_model", version_base=None)
+def main(cfg: DictConfig) -> None:
+    sys.exit(serve(OmegaConf.to_object(cfg)))
+
+
+if __name__ == "__main__":
+    main()

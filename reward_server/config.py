@@ -1,0 +1,99 @@
+"""Typed configuration schema. Values live in conf/*.yaml; these dataclasses give them types and defaults.
+
+Hydra validates every override against this schema, so `model.dtype=bf17` or `server.http_port=abc`
+fail at start-up with a message instead of deep inside the server.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class DefaultModelConfig:
+    """The embedded default reward model: a tiny random Llama built from this config, saved once, then
+    loaded with from_pretrained like any checkpoint. Its rewards are meaningless; it exists so that
+    everything runs offline."""
+
+    seed: int = 0
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face format directory; null serves the embedded default model (built into cache_dir).
+    path: Optional[str] = None
+    # auto: bfloat16 on GPU, float32 on CPU. Else float32 | bfloat16 | float16.
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    # Longest sequence accepted, in tokens; null takes the model's max_position_embeddings.
+    max_length: Optional[int] = None
+    # What to do with a longer sequence: error | left (keep the end) | right (keep the start).
+    truncation: str = "error"
+    # Passed to the tokenizer for `text` inputs (chat-formatted `messages` get the template's own tokens).
+    add_special_tokens: bool = True
+    trust_remote_code: bool = False
+    cache_dir: str = "~/.cache/reward_server"
+    default: DefaultModelConfig = field(default_factory=DefaultModelConfig)
+
+
+@dataclass
+class ParallelConfig:
+    # world size = tensor_parallel_size x data-parallel size; each data-parallel replica scores its share.
+    tensor_parallel_size: int = 1
+    # auto: nccl when CUDA is available, gloo otherwise.
+    backend: str = "auto"
+    # Collective timeout: a rank that stops answering for this long fails the whole group.
+    timeout_s: float = 60.0
+    # Rank 0 sends a heartbeat this often while idle, so subscribers notice a dead rank 0.
+    heartbeat_s: float = 5.0
+
+
+@dataclass
+class BatchingConfig:
+    # Triton dynamic batcher: the most requests merged into one execution, and how long one may wait.
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 2000
+    # Empty: Triton's default. Set it so that a lone request at low load need not wait the full delay.
+    preferred_batch_sizes: List[int] = field(default_factory=list)
+    # Token budget of one forward micro-batch (rows x padded length), so a large batch never runs out of memory.
+    max_tokens_per_forward: int = 16384
+    # Triton model instances per model: more than one lets rank 0 decode the next batch during a forward.
+    instances: int = 2
+
+
+@dataclass
+class ServerConfig:
+    # Native model (text / messages / token_ids, any lengths batch together).
+    model_name: str = "reward"
+    # NeMo-Aligner compatible model (sentences / tokens + sequence_lengths). Empty string disables it.
+    nemo_model_name: str = "reward_model"
+    # Loopback by default: a reward server has no authentication on inference unless configured.
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    # Token for Triton's protected endpoints (model-repository, statistics, ...). Read from this environment
+    # variable, else from access_token_file, else generated and written to access_token_file if that is set.
+    access_token_env: str = "REWARD_SERVER_ACCESS_TOKEN"
+    access_token_file: Optional[str] = None
+    log_verbose: int = 0
+
+
+@dataclass
+class ServeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="serve_schema", node=ServeConfig)

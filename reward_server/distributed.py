@@ -1,0 +1,120 @@
+"""Process group, topology and the wire protocol between rank 0 and the subscriber ranks.
+
+Every batch crosses in three steps, all ranks in lock-step:
+  1. header (gloo control group, CPU): [command, number of sequences, number of tokens]
+  2. payload (default group: NCCL on GPU, gloo on CPU): sequence lengths, then all tokens concatenated
+  3. after the forward, each rank's rewards (zeros where it did not score) are summed onto rank 0.
+Rank 0 checks every request before step 1, so a malformed request never reaches the subscribers.
+"""
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .config import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+
+class Command(IntEnum):
+    HEARTBEAT = 0
+    FORWARD = 1
+    SHUTDOWN = 2
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    tp_size: int
+    dp_size: int
+    device: torch.device
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.tp_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+_control_group = None
+
+
+def init_distributed(cfg: ParallelConfig) -> Topology:
+    """Join the torchrun group (or make a group of one when started without torchrun)."""
+    global _control_group
+    use_cuda = torch.cuda.is_available()
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=cfg.timeout_s)
+    if "RANK" in os.environ:
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    world = dist.get_world_size()
+    tp = cfg.tensor_parallel_size
+    if tp < 1 or world % tp:
+        raise ValueError(f"parallel.tensor_parallel_size={tp} must divide the world size {world}")
+    # Subscribers wait for headers while the server is idle; rank 0 sends heartbeats, so a wait longer
+    # than a few heartbeats means rank 0 is gone.
+    control_timeout = datetime.timedelta(seconds=max(cfg.timeout_s, 3 * cfg.heartbeat_s))
+    _control_group = dist.new_group(backend="gloo", timeout=control_timeout)
+    return Topology(rank=dist.get_rank(), world_size=world, tp_size=tp, dp_size=world // tp, device=device)
+
+
+def send_header(command: Command, n_seqs: int = 0, n_tokens: int = 0) -> None:
+    header = torch.tensor([int(command), n_seqs, n_tokens], dtype=torch.int64)
+    dist.broadcast(header, src=0, group=_control_group)
+
+
+def recv_header() -> Tuple[Command, int, int]:
+    header = torch.empty(3, dtype=torch.int64)
+    dist.broadcast(header, src=0, group=_control_group)
+    command, n_seqs, n_tokens = header.tolist()
+    return Command(command), n_seqs, n_tokens
+
+
+def broadcast_batch(seqs: Optional[List[torch.Tensor]], n_seqs: int, n_tokens: int, device) -> List[torch.Tensor]:
+    """Rank 0 passes its sequences; the others pass None and receive them. Returns them on `device`."""
+    if seqs is not None:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64, device=device)
+        flat = torch.cat(seqs).to(device=device, dtype=torch.int64) if n_tokens else lengths.new_empty(0)
+    else:
+        lengths = torch.empty(n_seqs, dtype=torch.int64, device=device)
+        flat = torch.empty(n_tokens, dtype=torch.int64, device=device)
+    if dist.get_world_size() > 1:
+        dist.broadcast(lengths, src=0)
+        dist.broadcast(flat, src=0)
+    return list(torch.split(flat, lengths.tolist()))
+
+
+def reduce_to_leader(values: torch.Tensor) -> torch.Tensor:
+    """Sum each rank's partial result onto rank 0 (ranks write zeros where they did not score)."""
+    if dist.get_world_size() > 1:
+        dist.reduce(values, dst=0)
+    return values
+
+
+def barrier() -> None:
+    dist.barrier(group=_control_group)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,143 @@
+"""Turn Triton requests into checked token sequences. Every check happens here, on rank 0, before a batch is
+broadcast: a malformed request is answered with an error and never reaches the other ranks.
+
+Native model inputs (each request sends exactly one; every input has shape [batch, 1], so requests of any
+sequence lengths are merged by Triton's dynamic batcher):
+  text       BYTES  UTF-8 text, tokenized on the server (model.add_special_tokens)
+  messages   BYTES  a JSON list of {"role": ..., "content": ...}, formatted with the tokenizer's chat template
+  token_ids  BYTES  token ids as decimal text separated by spaces or commas ("1 2 3", "[1, 2, 3]")
+NeMo-Aligner compatible inputs:
+  sentences  BYTES [batch, 1]; or tokens INT64 [batch, L] right-padded + sequence_lengths INT64 [batch, 1]
+"""
+
+import json
+import re
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+
+NATIVE_INPUTS = ("text", "messages", "token_ids")
+_ID_SEPARATORS = re.compile(rb"[\s,\[\]]+")
+
+
+class InputError(ValueError):
+    """A request that cannot be scored; the message names the row."""
+
+
+@dataclass
+class SequenceRules:
+    vocab_size: int
+    max_length: int
+    truncation: str  # error | left | right
+
+    def apply(self, ids: np.ndarray, row: int) -> np.ndarray:
+        if ids.size == 0:
+            raise InputError(f"row {row}: empty sequence")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= self.vocab_size)][0])
+            raise InputError(f"row {row}: token id {bad} outside the vocabulary [0, {self.vocab_size})")
+        if ids.size > self.max_length:
+            if self.truncation == "left":
+                return ids[-self.max_length:]
+            if self.truncation == "right":
+                return ids[: self.max_length]
+            raise InputError(f"row {row}: {ids.size} tokens, more than the limit of {self.max_length}")
+        return ids
+
+
+class RequestDecoder:
+    def __init__(self, tokenizer, rules: SequenceRules, add_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.rules = rules
+        self.add_special_tokens = add_special_tokens
+
+    def _column(self, request, name: str) -> np.ndarray:
+        value = np.asarray(request[name])
+        if value.ndim != 2 or value.shape[1] != 1:
+            raise InputError(f"input {name!r} must have shape [batch, 1], got {list(value.shape)}")
+        return value[:, 0]
+
+    def _strings(self, column: np.ndarray) -> List[str]:
+        out = []
+        for row, raw in enumerate(column):
+            raw = raw if isinstance(raw, bytes) else str(raw).encode()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"row {row}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if not text:
+                raise InputError(f"row {row}: empty text")
+            out.append(text)
+        return out
+
+    def _tokenize(self, texts: List[str], add_special_tokens: bool) -> List[np.ndarray]:
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        return [np.asarray(ids, dtype=np.int64) for ids in encoded]
+
+    def _checked(self, seqs: List[np.ndarray]) -> List[np.ndarray]:
+        return [self.rules.apply(ids, row) for row, ids in enumerate(seqs)]
+
+    def texts(self, texts: List[str]) -> List[np.ndarray]:
+        return self._checked(self._tokenize(texts, self.add_special_tokens))
+
+    def conversations(self, column: np.ndarray) -> List[np.ndarray]:
+        rendered = []
+        for row, text in enumerate(self._strings(column)):
+            try:
+                messages = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"row {row}: messages is not JSON ({exc.msg})") from None
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages)):
+                raise InputError(f"row {row}: messages must be a non-empty list of {{role, content}} strings")
+            rendered.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
+        # the template writes the special tokens itself
+        return self._checked(self._tokenize(rendered, add_special_tokens=False))
+
+    def id_strings(self, column: np.ndarray) -> List[np.ndarray]:
+        seqs = []
+        for row, raw in enumerate(column):
+            raw = raw if isinstance(raw, bytes) else str(raw).encode()
+            fields = [f for f in _ID_SEPARATORS.split(raw) if f]
+            try:
+                seqs.append(np.array([int(f) for f in fields], dtype=np.int64))
+            except (ValueError, OverflowError):
+                raise InputError(f"row {row}: token_ids must be integers separated by spaces or commas") from None
+        return self._checked(seqs)
+
+    def native(self, request) -> List[np.ndarray]:
+        present = [name for name in NATIVE_INPUTS if name in request]
+        if len(present) != 1:
+            raise InputError(f"send exactly one of {', '.join(NATIVE_INPUTS)}; got {present or 'none'}")
+        name = present[0]
+        column = self._column(request, name)
+        if name == "text":
+            return self.texts(self._strings(column))
+        if name == "messages":
+            return self.conversations(column)
+        return self.id_strings(column)
+
+    def nemo(self, request) -> List[np.ndarray]:
+        if "sentences" in request:
+            if "tokens" in request:
+                raise InputError("send either sentences or tokens, not both")
+            return self.texts(self._strings(self._column(request, "sentences")))
+        if "tokens" not in request:
+            raise InputError("send sentences, or tokens with sequence_lengths")
+        tokens = np.asarray(request["tokens"])
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise InputError(f"tokens must be an integer matrix [batch, length], got {tokens.dtype} {list(tokens.shape)}")
+        lengths: Optional[np.ndarray] = request["sequence_lengths"] if "sequence_lengths" in request else None
+        if lengths is None:
+            lengths = np.full(tokens.shape[0], tokens.shape[1])
+        lengths = np.asarray(lengths).reshape(-1)
+        if lengths.shape[0] != tokens.shape[0]:
+            raise InputError(f"sequence_lengths has {lengths.shape[0]} rows, tokens has {tokens.shape[0]}")
+        seqs = []
+        for row, (ids, n) in enumerate(zip(tokens, lengths)):
+            if not 1 <= n <= tokens.shape[1]:
+                raise InputError(f"row {row}: sequence_lengths {int(n)} outside [1, {tokens.shape[1]}]")
+            seqs.append(ids[: int(n)].astype(np.int64))
+        return self._checked(seqs)

@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="reward-server",
+    version="0.1.0",
+    description="Reward model inference server for RLHF: PyTriton on rank 0, torch.distributed model parallelism",
+    python_requires=">=3.10",
+    packages=["reward_server", "reward_server.conf"],
+    package_dir={"reward_server.conf": "conf"},
+    package_data={"reward_server.conf": ["*.yaml", "*/*.yaml"]},
+    py_modules=["serve_reward_model"],
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=5.0",
+        "accelerate",
+        "nvidia-pytriton==0.7.0",
+        "numpy<2",
+        "hydra-core==1.3.2",
+        "tritonclient[all]==2.51.0",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+    entry_points={"console_scripts": ["reward-server=reward_server.cli:main"]},
+)
