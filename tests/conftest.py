@@ -1,0 +1,139 @@
+"""Shared test fixtures: tiny real checkpoints saved with save_pretrained, and a real server started with
+torchrun (gloo, CPU) on free ports."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from reward_server.default_model import _train_tokenizer
+
+    return _train_tokenizer(vocab_size)
+
+
+def save_seqcls_checkpoint(path: Path, arch: str = "llama", num_labels: int = 1, seed: int = 0) -> Path:
+    """A tiny random sequence-classification model of the given architecture plus a real tokenizer."""
+    from transformers import (LlamaConfig, LlamaForSequenceClassification, Qwen2Config,
+                              Qwen2ForSequenceClassification)
+
+    tok = build_tokenizer()
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  num_labels=num_labels, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id)
+    if arch == "llama":
+        cfg, cls = LlamaConfig(**common), LlamaForSequenceClassification
+    elif arch == "qwen2":
+        cfg, cls = Qwen2Config(**common), Qwen2ForSequenceClassification
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def reference_rewards(path, seqs):
+    """Plain single-process transformers forward, one unpadded sequence at a time."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return np.stack([model(input_ids=torch.as_tensor(s)[None]).logits[0].float().numpy() for s in seqs])
+
+
+class Server:
+    """A real `torchrun --nproc_per_node N serve_reward_model.py ...` process group."""
+
+    def __init__(self, nproc: int, overrides, log_path: Path, env=None):
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(REPO / "serve_reward_model.py"),
+               f"server.http_port={self.http_port}", f"server.grpc_port={self.grpc_port}",
+               f"server.metrics_port={self.metrics_port}", *overrides]
+        self._log = open(log_path, "w")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+                                     start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, models=("reward",), timeout=180.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-5000:]}")
+            try:
+                if all(urllib.request.urlopen(f"{self.url}/v2/models/{m}/ready", timeout=2).status == 200
+                       for m in models):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()[-5000:]}")
+
+    def terminate(self, timeout=30.0) -> int:
+        """SIGTERM to the launcher, as a user's Ctrl-C or a scheduler would; returns torchrun's exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                raise
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    servers = []
+
+    def start(nproc=2, overrides=(), models=("reward",), env=None):
+        srv = Server(nproc, list(overrides) + [f"model.cache_dir={tmp_path / 'cache'}"],
+                     tmp_path / f"server{len(servers)}.log", env=env)
+        servers.append(srv)
+        return srv.wait_ready(models)
+
+    yield start
+    for srv in servers:
+        srv.kill()
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(tmp_path_factory):
+    return save_seqcls_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(tmp_path_factory):
+    return save_seqcls_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=1)

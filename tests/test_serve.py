@@ -1,0 +1,94 @@
+"""End to end: torchrun 2 ranks (gloo), real PyTriton server, rewards equal a plain transformers forward."""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from pytriton.client import ModelClient
+
+from conftest import reference_rewards
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def mixed_sequences(n, seed=0, max_len=512, vocab=512):
+    rng = np.random.default_rng(seed)
+    lengths = np.concatenate([[1, max_len, 2, max_len - 1], rng.integers(1, max_len + 1, n - 4)])
+    return [rng.integers(4, vocab, int(n_tok)).astype(np.int64) for n_tok in lengths]
+
+
+def infer(url, model, name, rows):
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+    data = np.array([[r] for r in rows], dtype=object)
+    inp = httpclient.InferInput(name, list(data.shape), "BYTES")
+    inp.set_data_from_numpy(data)
+    result = client.infer(model, [inp])
+    errors = result.as_numpy("error")
+    assert all(e[0] == b"" for e in errors), errors
+    return result.as_numpy("rewards")
+
+
+def score_tokens(url, seqs, per_request=5, clients=4):
+    """Split into requests of `per_request` sequences, sent from `clients` threads at once."""
+    chunks = [seqs[i:i + per_request] for i in range(0, len(seqs), per_request)]
+    rows = [[" ".join(map(str, s.tolist())).encode() for s in chunk] for chunk in chunks]
+    with ThreadPoolExecutor(clients) as pool:
+        parts = list(pool.map(lambda r: infer(url, "reward", "token_ids", r), rows))
+    return np.concatenate(parts)
+
+
+def tokenize(ckpt, texts):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    return [np.array(ids) for ids in tok(texts)["input_ids"]]
+
+
+TEXTS = ["Hello", "The answer is 4.", "Step 1: 2x + 3 = 11. Step 2: x = 4. " * 20, "unicode: 日本語 ✓ ки",
+         "User: What is the capital of France?\nAssistant: Paris."]
+
+
+def check_server(url, ckpt, n_seqs=40):
+    seqs = mixed_sequences(n_seqs)
+    expected = reference_rewards(ckpt, seqs)
+    np.testing.assert_allclose(score_tokens(url, seqs), expected, atol=1e-4, rtol=0)
+
+    text_rewards = infer(url, "reward", "text", [t.encode() for t in TEXTS])
+    np.testing.assert_allclose(text_rewards, reference_rewards(ckpt, tokenize(ckpt, TEXTS)), atol=1e-4, rtol=0)
+
+    # NeMo-Aligner's contract: tokens right-padded to a fixed length, plus lengths, through PyTriton's client
+    pad_to = 512
+    tokens = np.zeros((8, pad_to), dtype=np.int64)
+    for i, s in enumerate(seqs[:8]):
+        tokens[i, :len(s)] = s
+    lengths = np.array([[len(s)] for s in seqs[:8]], dtype=np.int64)
+    with ModelClient(url, "reward_model", inference_timeout_s=120) as client:
+        out = client.infer_batch(tokens=tokens, sequence_lengths=lengths)
+    np.testing.assert_allclose(out["rewards"], expected[:8], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_llama_two_ranks_match_plain_forward(start_server, llama_ckpt, tp):
+    srv = start_server(2, [f"model.path={llama_ckpt}", f"parallel.tensor_parallel_size={tp}",
+                           "batching.max_tokens_per_forward=2048"], models=("reward", "reward_model"))
+    check_server(srv.url, llama_ckpt)
+
+
+def test_qwen2_checkpoint_by_path(start_server, qwen2_ckpt):
+    srv = start_server(2, [f"model.path={qwen2_ckpt}", "parallel.tensor_parallel_size=2"],
+                       models=("reward", "reward_model"))
+    check_server(srv.url, qwen2_ckpt, n_seqs=12)
+
+
+def test_default_model_serves_and_sigterm_exits_cleanly(start_server):
+    srv = start_server(2)
+    rewards = infer(srv.url, "reward", "text", [b"hello", b"world"])
+    assert rewards.shape == (2, 1) and np.isfinite(rewards).all()
+    start = time.monotonic()
+    srv.terminate(timeout=30)
+    assert time.monotonic() - start < 30
+    log = srv.log()
+    assert "rank 0 exited cleanly" in log and "rank 1 exited cleanly" in log, log[-3000:]
+    assert "exitcode  : 1" not in log
