@@ -4,6 +4,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -60,8 +61,12 @@ def serve(cfg: ServeConfig) -> int:
 
 register_schema()
 
+# A source checkout (or editable install) reads conf/ beside the package; an installed wheel its packaged copy.
+_SOURCE_CONF = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_PATH = str(_SOURCE_CONF) if (_SOURCE_CONF / "serve_reward_model.yaml").is_file() else "pkg://reward_server.conf"
 
-@hydra.main(config_path="pkg://reward_server.conf", config_name="serve_reward_model", version_base=None)
+
+@hydra.main(config_path=CONFIG_PATH, config_name="serve_reward_model", version_base=None)
 def main(cfg: DictConfig) -> None:
     sys.exit(serve(OmegaConf.to_object(cfg)))
 
