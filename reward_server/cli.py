@@ -19,8 +19,19 @@ from .server import RewardService, resolve_access_token, start_triton
 log = logging.getLogger("reward_server")
 
 
+def exit_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own; if torchrun itself is killed (SIGKILL, OOM killer)
+    its ranks would live on as orphans. Ask Linux to send SIGTERM when the parent dies, which drains and exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
+    exit_with_launcher()
     topo = d.init_distributed(cfg.parallel)
     scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching.max_tokens_per_forward, topo)
     engine = Engine(scorer, topo)

@@ -126,7 +126,10 @@ def start_server(tmp_path):
 
     yield start
     for srv in servers:
-        srv.kill()
+        try:
+            srv.terminate(timeout=30)
+        except Exception:
+            srv.kill()
 
 
 @pytest.fixture(scope="session")
