@@ -33,7 +33,7 @@ def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
     exit_with_launcher()
     topo = d.init_distributed(cfg.parallel)
-    scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching.max_tokens_per_forward, topo)
+    scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
     engine = Engine(scorer, topo)
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.

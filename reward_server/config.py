@@ -63,8 +63,15 @@ class BatchingConfig:
     max_queue_delay_us: int = 2000
     # Empty: Triton's default. Set it so that a lone request at low load need not wait the full delay.
     preferred_batch_sizes: List[int] = field(default_factory=list)
-    # Token budget of one forward micro-batch (rows x padded length), so a large batch never runs out of memory.
+    # Token budget of one forward micro-batch (rows x padded length, or one packed row), so a large batch never
+    # runs out of memory.
     max_tokens_per_forward: int = 16384
+    # packed: sequences concatenated padding-free with a block-diagonal causal mask; padded: length-sorted rows
+    # padded to the longest in their micro-batch.
+    layout: str = "packed"
+    # Longest packed row, in tokens. With a dense attention mask (sdpa, eager) attention work grows with the row
+    # length squared, so rows stay short; flex_attention can take rows as long as max_tokens_per_forward.
+    packed_row_tokens: int = 4096
     # Triton model instances per model: more than one lets rank 0 decode the next batch during a forward.
     instances: int = 2
 

@@ -6,7 +6,7 @@ from typing import List, Sequence
 
 import torch
 
-from .config import ModelConfig
+from .config import BatchingConfig, ModelConfig
 from .default_model import default_model_path
 from . import distributed as d
 from .distributed import Topology
@@ -100,13 +100,71 @@ class SequenceScorer:
             lengths = torch.tensor([len(r) for r in rows], device=self.device)
             ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
             mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
-            hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            hidden = self.backbone(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]
             out[torch.tensor(idx, device=self.device)] = self.head(last).float()
         return out
 
 
-def load_scalar_scorer(cfg: ModelConfig, max_tokens_per_forward: int, topo: Topology):
+def pack(lengths: Sequence[int], budget: int) -> List[List[int]]:
+    """First-fit decreasing: indices grouped into rows of at most `budget` tokens in total (a longer sequence
+    gets a row of its own)."""
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(budget - lengths[i])
+    return rows
+
+
+class PackedSequenceScorer(SequenceScorer):
+    """Padding-free: sequences concatenated into rows of at most `row_tokens` tokens (first-fit decreasing),
+    positions restarting at each sequence and no attention mask, so transformers builds a block-diagonal causal
+    mask from position_ids. Rows are grouped into forwards of at most `budget` tokens; a group's shorter rows get
+    a tail of pad tokens that is a segment of its own. The head reads each sequence's own last token.
+
+    Attention work grows with row length squared for a dense mask (sdpa, eager), so keep rows short there;
+    flex_attention's BlockMask skips the masked blocks and takes long rows."""
+
+    def __init__(self, model, pad_token_id: int, max_tokens_per_forward: int, device: torch.device,
+                 row_tokens: int = 0):
+        super().__init__(model, pad_token_id, max_tokens_per_forward, device)
+        self.row_tokens = row_tokens or max_tokens_per_forward
+
+    @torch.inference_mode()
+    def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(len(seqs), self.width, dtype=torch.float32, device=self.device)
+        lengths = [len(s) for s in seqs]
+        rows = pack(lengths, self.row_tokens)
+        row_len = [sum(lengths[i] for i in r) for r in rows]
+        for group in micro_batches(row_len, self.budget):
+            width = max(row_len[g] for g in group)
+            ids, positions, members, last = [], [], [], []
+            for k, g in enumerate(group):
+                pad = width - row_len[g]
+                parts = [seqs[i] for i in rows[g]] + ([seqs[rows[g][0]].new_full((pad,), self.pad_token_id)] if pad else [])
+                ids.append(torch.cat(parts))
+                positions.append(torch.cat([torch.arange(len(p), device=self.device) for p in parts]))
+                ends = torch.cumsum(torch.tensor([lengths[i] for i in rows[g]], device=self.device), 0) - 1
+                members += rows[g]
+                last.append(ends + k * width)
+            hidden = self.backbone(input_ids=torch.stack(ids), position_ids=torch.stack(positions),
+                                   attention_mask=None, use_cache=False).last_hidden_state
+            pooled = hidden.reshape(-1, hidden.shape[-1])[torch.cat(last)]
+            out[torch.tensor(members, device=self.device)] = self.head(pooled).float()
+        return out
+
+
+SCORERS = {"packed": PackedSequenceScorer, "padded": SequenceScorer}
+
+
+def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topology):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model, path = load_pretrained(AutoModelForSequenceClassification, cfg, topo)
@@ -116,4 +174,8 @@ def load_scalar_scorer(cfg: ModelConfig, max_tokens_per_forward: int, topo: Topo
     pad = model.config.pad_token_id
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return SequenceScorer(model, pad, max_tokens_per_forward, topo.device), tokenizer, model.config
+    if batching.layout not in SCORERS:
+        raise ValueError(f"batching.layout={batching.layout!r}: expected one of {sorted(SCORERS)}")
+    extra = {"row_tokens": batching.packed_row_tokens} if batching.layout == "packed" else {}
+    scorer = SCORERS[batching.layout](model, pad, batching.max_tokens_per_forward, topo.device, **extra)
+    return scorer, tokenizer, model.config

@@ -69,10 +69,10 @@ def check_server(url, ckpt, n_seqs=40):
     np.testing.assert_allclose(out["rewards"], expected[:8], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_llama_two_ranks_match_plain_forward(start_server, llama_ckpt, tp):
+@pytest.mark.parametrize("tp,layout", [(2, "packed"), (1, "padded")], ids=["tp2-packed", "dp2-padded"])
+def test_llama_two_ranks_match_plain_forward(start_server, llama_ckpt, tp, layout):
     srv = start_server(2, [f"model.path={llama_ckpt}", f"parallel.tensor_parallel_size={tp}",
-                           "batching.max_tokens_per_forward=2048"], models=("reward", "reward_model"))
+                           "batching.max_tokens_per_forward=2048", f"batching.layout={layout}"], models=("reward", "reward_model"))
     check_server(srv.url, llama_ckpt)
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU session's measurements: 8B-shaped random model, in-process baselines, our server and the naive server
+# under perf_analyzer. Run from the repository root on a GPU box (after the box's own set-up); results go to $OUT.
+#   OUT=/tmp/results bash benchmarks/gpu_suite.sh [server overrides...]
+set -uo pipefail
+OUT=${OUT:-/tmp/results}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-bench-token}
+MODEL=${MODEL:-/tmp/rm8b}
+STAGES=${STAGES:-inprocess server naive}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+
+wait_ready() {  # url
+  for _ in $(seq 300); do
+    python3 -c "import urllib.request,sys; urllib.request.urlopen('http://$1/v2/health/ready', timeout=2)" 2>/dev/null && return 0
+    sleep 1
+  done
+  return 1
+}
+
+[ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL"
+VOCAB=$(python3 -c "import json; print(json.load(open('$MODEL/config.json'))['vocab_size'])")
+python3 benchmarks/workload.py --out /tmp/rlhf.json --n 1000 --vocab "$VOCAB"
+python3 benchmarks/workload.py --out /tmp/fixed512.json --n 1000 --fixed 512 --vocab "$VOCAB"
+
+if [[ $STAGES == *inprocess* ]]; then
+  python3 benchmarks/inprocess.py --model "$MODEL" --n ${INPROC_N:-384} --chunk 64 ${INPROC_ARGS:-} --json "$OUT/inprocess.json" 2>&1 | grep -v Warning
+fi
+
+if [[ $STAGES == *server* ]]; then
+  torchrun --nproc_per_node 1 serve_reward_model.py model.path="$MODEL" "$@" > "$OUT/server.log" 2>&1 &
+  wait_ready localhost:8000 || { tail -50 "$OUT/server.log"; exit 1; }
+  python3 benchmarks/check_server.py --model "$MODEL" --n 64 | tee "$OUT/check.json"
+  python3 benchmarks/perf.py --input /tmp/fixed512.json --concurrency 64 --label "ours fixed-512" | tee "$OUT/perf_fixed512.md"
+  python3 benchmarks/perf.py --input /tmp/rlhf.json --concurrency ${CONCURRENCY:-1 8 64} --label "ours rlhf" | tee "$OUT/perf_rlhf.md"
+  pkill -TERM -f serve_reward_model.py; sleep 5
+fi
+
+if [[ $STAGES == *naive* ]]; then
+  python3 benchmarks/naive_server.py --model "$MODEL" --port 8010 > "$OUT/naive.log" 2>&1 &
+  wait_ready localhost:8010 || { tail -50 "$OUT/naive.log"; exit 1; }
+  python3 benchmarks/perf.py --url localhost:8010 --input /tmp/rlhf.json --concurrency 64 --label "naive rlhf" | tee "$OUT/perf_naive.md"
+  pkill -TERM -f naive_server.py
+fi

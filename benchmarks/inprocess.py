@@ -1,0 +1,102 @@
+"""In-process baselines: what a user gets with no server at all, on the same model and tokens.
+
+  dense    forward of [B, L] real tokens (no padding): the GPU's best case at that length
+  workload the RLHF workload (benchmarks/workload.py) scored by each layout and attention kernel, in chunks of
+           --chunk sequences (what one dynamic batch of the server holds)
+It also checks that each scorer's rewards equal a plain per-sequence transformers forward.
+
+    python benchmarks/inprocess.py --model /tmp/rm8b --n 512 --chunk 64
+"""
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from reward_server.model import PackedSequenceScorer, SequenceScorer
+from workload import sequences
+
+SCORERS = {"packed": PackedSequenceScorer, "padded": SequenceScorer}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeat=1):
+    fn()  # warm-up (kernels, compilation)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeat
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--n", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--budget", type=int, nargs="+", default=[16384])
+    p.add_argument("--layouts", nargs="+", default=["packed", "padded"])
+    p.add_argument("--row-tokens", type=int, nargs="+", default=[4096], help="packed row lengths to try")
+    p.add_argument("--attn", nargs="+", default=["sdpa"])
+    p.add_argument("--dense", nargs="+", default=["32x512", "8x2048"], help="BxL shapes for the dense baseline")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForSequenceClassification.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    cfg = model.config
+    n_linear = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    results = []
+
+    def report(name, tokens, seconds, **extra):
+        tps = tokens / seconds
+        mfu = 2 * n_linear * tps / (a.peak_tflops * 1e12)
+        row = {"name": name, "tokens_per_s": round(tps), "mfu_linear": round(mfu, 3), **extra}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    vocab = cfg.vocab_size
+    with torch.inference_mode():
+        for shape in a.dense:
+            b, length = map(int, shape.split("x"))
+            ids = torch.randint(3, vocab, (b, length), device=device)
+            seconds = timed(lambda: model.base_model(input_ids=ids, use_cache=False), repeat=3)
+            report(f"dense {shape}", b * length, seconds)
+
+    seqs = [torch.as_tensor(s, device=device) for s in sequences(a.n, vocab)]
+    n_tokens = sum(len(s) for s in seqs)
+    chunks = [seqs[i:i + a.chunk] for i in range(0, len(seqs), a.chunk)]
+    with torch.inference_mode():
+        plain = torch.stack([model(input_ids=s[None]).logits[0].float() for s in seqs[:16]])
+    for attn in a.attn:
+        model.set_attn_implementation(attn)
+        for layout in a.layouts:
+            for budget, row in [(b, r) for b in a.budget for r in (a.row_tokens if layout == "packed" else [0])]:
+                extra = {"row_tokens": row} if layout == "packed" else {}
+                scorer = SCORERS[layout](model, cfg.pad_token_id, budget, device, **extra)
+                name = f"{layout} {attn} budget {budget}" + (f" row {row}" if row else "")
+                try:
+                    seconds = timed(lambda: [scorer(c) for c in chunks])
+                    diff = (scorer(seqs[:16]) - plain).abs().max().item()
+                except Exception as exc:  # report and go on: one kernel failing must not hide the others
+                    print(json.dumps({"name": name, "error": repr(exc)[:300]}))
+                    continue
+                report(f"workload {name} chunk {a.chunk}", n_tokens, seconds,
+                       max_abs_diff_vs_plain=round(diff, 5))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
