@@ -47,6 +47,7 @@ def main():
     p.add_argument("--attn", nargs="+", default=["sdpa"])
     p.add_argument("--dense", nargs="+", default=["32x512", "8x2048"], help="BxL shapes for the dense baseline")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
+    p.add_argument("--repeat", type=int, default=1, help="timed passes over the workload after the warm-up pass")
     p.add_argument("--json", default="")
     a = p.parse_args()
 
@@ -86,7 +87,7 @@ def main():
                 scorer = SCORERS[layout](model, cfg.pad_token_id, budget, device, **extra)
                 name = f"{layout} {attn} budget {budget}" + (f" row {row}" if row else "")
                 try:
-                    seconds = timed(lambda: [scorer(c) for c in chunks])
+                    seconds = timed(lambda: [scorer(c) for c in chunks], repeat=a.repeat)
                     diff = (scorer(seqs[:16]) - plain).abs().max().item()
                 except Exception as exc:  # report and go on: one kernel failing must not hide the others
                     print(json.dumps({"name": name, "error": repr(exc)[:300]}))

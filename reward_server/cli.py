@@ -13,7 +13,7 @@ from . import distributed as d
 from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
-from .model import load_scalar_scorer
+from .model import load_scalar_scorer, warm_up
 from .server import RewardService, resolve_access_token, start_triton
 
 log = logging.getLogger("reward_server")
@@ -34,6 +34,8 @@ def serve(cfg: ServeConfig) -> int:
     exit_with_launcher()
     topo = d.init_distributed(cfg.parallel)
     scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
+    if cfg.batching.warmup:
+        warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
     engine = Engine(scorer, topo)
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.

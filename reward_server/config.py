@@ -32,7 +32,8 @@ class ModelConfig:
     path: Optional[str] = None
     # auto: bfloat16 on GPU, float32 on CPU. Else float32 | bfloat16 | float16.
     dtype: str = "auto"
-    attn_implementation: str = "sdpa"
+    # auto: flex_attention on GPU (sparse block masks for packed rows), sdpa on CPU.
+    attn_implementation: str = "auto"
     # Longest sequence accepted, in tokens; null takes the model's max_position_embeddings.
     max_length: Optional[int] = None
     # What to do with a longer sequence: error | left (keep the end) | right (keep the start).
@@ -69,9 +70,13 @@ class BatchingConfig:
     # packed: sequences concatenated padding-free with a block-diagonal causal mask; padded: length-sorted rows
     # padded to the longest in their micro-batch.
     layout: str = "packed"
-    # Longest packed row, in tokens. With a dense attention mask (sdpa, eager) attention work grows with the row
-    # length squared, so rows stay short; flex_attention can take rows as long as max_tokens_per_forward.
-    packed_row_tokens: int = 4096
+    # Longest packed row, in tokens; 0 = auto: max_tokens_per_forward with flex_attention (its block mask skips
+    # other sequences' blocks), 2048 with a dense mask (sdpa, eager), whose attention work grows with the square
+    # of the row length.
+    packed_row_tokens: int = 0
+    # Run the forward on synthetic batches of a few shapes at start-up, so that kernel selection and
+    # flex_attention's compilation happen before the first request.
+    warmup: bool = True
     # Triton model instances per model: more than one lets rank 0 decode the next batch during a forward.
     instances: int = 2
 

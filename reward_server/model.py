@@ -24,6 +24,15 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+DENSE_MASK_ROW_TOKENS = 2048
+
+
+def resolve_attn(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "flex_attention" if device.type == "cuda" else "sdpa"
+    return name
+
+
 def resolve_path(cfg: ModelConfig, topo: Topology) -> str:
     """The checkpoint directory; for the embedded default, rank 0 builds it on first use while the others wait
     (transformers' save_pretrained writes weights from rank 0 only)."""
@@ -39,7 +48,8 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     parallelism over all ranks (DistributedConfig(tp_size=...))."""
     path = resolve_path(cfg, topo)
     dtype = resolve_dtype(cfg.dtype, topo.device)
-    kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.attn_implementation, topo.device),
+                  trust_remote_code=cfg.trust_remote_code)
     kwargs.update(extra)
     if topo.rank == 0:
         log.info("loading %s from %s (dtype %s, tp %d x dp %d)", model_class.__name__, path, dtype,
@@ -164,6 +174,14 @@ class PackedSequenceScorer(SequenceScorer):
 SCORERS = {"packed": PackedSequenceScorer, "padded": SequenceScorer}
 
 
+def warm_up(scorer, vocab_size: int, budget: int, device: torch.device) -> None:
+    """A few synthetic batches of different shapes through the scorer on every rank (same data everywhere, so
+    tensor-parallel collectives line up), so that the first requests do not pay for compilation."""
+    gen = torch.Generator().manual_seed(0)
+    for lengths in ([7], [budget // 8] * 3, [budget // 2, budget // 3, 100], [budget // 4] * 5):
+        scorer([torch.randint(3, vocab_size, (n,), generator=gen).to(device) for n in lengths])
+
+
 def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topology):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -176,6 +194,8 @@ def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topolog
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if batching.layout not in SCORERS:
         raise ValueError(f"batching.layout={batching.layout!r}: expected one of {sorted(SCORERS)}")
-    extra = {"row_tokens": batching.packed_row_tokens} if batching.layout == "packed" else {}
+    row_tokens = batching.packed_row_tokens or (
+        batching.max_tokens_per_forward if model.config._attn_implementation == "flex_attention" else DENSE_MASK_ROW_TOKENS)
+    extra = {"row_tokens": row_tokens} if batching.layout == "packed" else {}
     scorer = SCORERS[batching.layout](model, pad, batching.max_tokens_per_forward, topo.device, **extra)
     return scorer, tokenizer, model.config
