@@ -17,11 +17,14 @@ data-parallel actor every rank makes its own client and sends only its own shard
 import asyncio
 import http.client
 import json
+import os
+import queue
 import re
 import socket
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 from urllib.parse import quote, urlsplit
@@ -85,10 +88,15 @@ def _numpy(x) -> np.ndarray:
     return np.array(x)
 
 
-def _ids_row(ids: np.ndarray, where: str) -> bytes:
+def _checked_ids(ids: np.ndarray, where: str) -> np.ndarray:
     if ids.ndim != 1 or not (ids.size == 0 or np.issubdtype(ids.dtype, np.integer)):
         raise TypeError(f"{where}: token ids must be a 1-D sequence of integers, got {ids.dtype} {list(ids.shape)}")
-    return " ".join(map(str, ids.tolist())).encode()
+    return ids
+
+
+def _wire(row) -> bytes:
+    """A `token_ids` row as the server reads it: decimal ids separated by spaces."""
+    return row if isinstance(row, bytes) else " ".join(map(str, row.tolist())).encode()
 
 
 def _is_conversation(x) -> bool:
@@ -99,8 +107,9 @@ _TOKEN_KEYS = ("response_tokens", "tokens")
 _LENGTH_KEYS = ("response_lengths", "sequence_lengths")
 
 
-def encode_batch(batch, lengths=None) -> Tuple[str, List[bytes], bool]:
-    """(input name, one encoded row per sequence, whether the caller used torch). Accepts:
+def encode_batch(batch, lengths=None) -> Tuple[str, list, bool]:
+    """(input name, one row per sequence, whether the caller used torch). A row is encoded text (bytes) or a
+    copy of the sequence's token ids (the worker threads write them out). Accepts:
       - a list of str                               -> `text`, tokenized on the server
       - a list of chat conversations ([{role, content}, ...]) -> `messages`
       - a list of 1-D token id sequences (lists, numpy arrays, torch tensors)   -> `token_ids`
@@ -127,8 +136,8 @@ def encode_batch(batch, lengths=None) -> Tuple[str, List[bytes], bool]:
             raise ValueError(f"lengths has {lengths.shape[0]} entries, the token matrix {matrix.shape[0]} rows")
         if lengths.size and (lengths.min() < 0 or lengths.max() > matrix.shape[1]):
             raise ValueError(f"lengths must lie in [0, {matrix.shape[1]}]")
-        rows = [_ids_row(matrix[i, : int(n)], f"row {i}") for i, n in enumerate(lengths)]
-        return "token_ids", rows, as_torch
+        _checked_ids(matrix[0] if len(matrix) else matrix.reshape(-1), "the token matrix")
+        return "token_ids", [matrix[i, : int(n)] for i, n in enumerate(lengths)], as_torch
     if lengths is not None:
         raise ValueError("lengths goes with a token matrix or a rollout batch, not with a list of sequences")
     if not isinstance(batch, (list, tuple)):
@@ -138,7 +147,7 @@ def encode_batch(batch, lengths=None) -> Tuple[str, List[bytes], bool]:
     if all(_is_conversation(s) for s in batch):
         return "messages", [json.dumps(s).encode("utf-8") for s in batch], False
     as_torch = any(_is_torch(s) for s in batch)
-    return "token_ids", [_ids_row(_numpy(s), f"sequence {i}") for i, s in enumerate(batch)], as_torch
+    return "token_ids", [_checked_ids(_numpy(s), f"sequence {i}") for i, s in enumerate(batch)], as_torch
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -264,6 +273,60 @@ class RewardFuture:
             pass
 
 
+# ---------------------------------------------------------------------------------------------------- workers
+
+
+class _Workers:
+    """A fixed set of daemon threads running jobs from a queue: unlike ThreadPoolExecutor's, a client that is
+    never closed cannot hold up the interpreter's exit while a request hangs."""
+
+    def __init__(self, n: int, name: str):
+        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the client is closed")
+            self._jobs.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Cancel the jobs not started; each thread exits after its current job."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job[0].cancel()
+            for _ in self._threads:
+                self._jobs.put(None)
+
+    def join(self) -> None:
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+
+
 # ---------------------------------------------------------------------------------------------------- client
 
 
@@ -304,15 +367,19 @@ class RemoteGPTRMClient:
         self._connections: List[http.client.HTTPConnection] = []
         self._connections_lock = threading.Lock()
         self._closed = False
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="reward-client")
+        self._pid = os.getpid()
+        self._pool = _Workers(concurrency, "reward-client")
+        weakref.finalize(self, self._pool.shutdown)  # a client dropped without close() frees its threads
 
     # ------------------------------------------------------------------ public API
 
     def infer_rm(self, batch, lengths=None) -> RewardFuture:
         """Start scoring `batch` (see `encode_batch` for the accepted forms) and return at once. The data is
-        copied before returning. Server failures surface from the handle's `result()`, never from here."""
+        copied before returning, so the caller may reuse its buffers. Server failures surface from the handle's `result()`, never from here."""
         if self._closed:
             raise RuntimeError("the client is closed")
+        if os.getpid() != self._pid:
+            raise RuntimeError("this client was made in another process (before a fork); make one in this process")
         name, rows, as_torch = encode_batch(batch, lengths)
         if not rows:
             raise ValueError("empty batch")
@@ -353,7 +420,7 @@ class RemoteGPTRMClient:
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         with self._connections_lock:
             connections = list(self._connections)
         for conn in connections:  # wake threads blocked on a socket
@@ -362,7 +429,7 @@ class RemoteGPTRMClient:
                     conn.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self._pool.shutdown(wait=True)
+        self._pool.join()
         for conn in connections:
             conn.close()
 
@@ -374,7 +441,7 @@ class RemoteGPTRMClient:
 
     # ------------------------------------------------------------------ worker threads
 
-    def _dispatch(self, name: str, rows: List[bytes], handle: RewardFuture) -> None:
+    def _dispatch(self, name: str, rows: list, handle: RewardFuture) -> None:
         try:
             size = self.max_batch_size
             parts = [(start, self._pool.submit(self._score_rows, name, rows[start:start + size], start))
@@ -384,11 +451,11 @@ class RemoteGPTRMClient:
             return
         handle._track(parts)
 
-    def _score_rows(self, name: str, rows: List[bytes], start: int):
+    def _score_rows(self, name: str, rows: list, start: int):
         """One request: rewards [n, num_labels] and, from a process reward model, the per-step scores."""
         n = len(rows)
         tensor = InferInput(name, [n, 1], "BYTES")
-        tensor.set_data_from_numpy(np.array(rows, dtype=object).reshape(n, 1))
+        tensor.set_data_from_numpy(np.array([_wire(r) for r in rows], dtype=object).reshape(n, 1))
         body, json_size = _Codec.generate_request_body([tensor])
         headers = {"Content-Type": "application/octet-stream"}
         if json_size is not None:
@@ -455,6 +522,9 @@ class RemoteGPTRMClient:
                 conn.close()
                 raise _Retry(f"cannot connect ({exc})") from None
             conn.sock.settimeout(self.request_timeout_s)
+            if self._closed:  # close() ran while this thread connected
+                conn.close()
+                raise RewardServerError(f"{what}: the client was closed")
         try:
             conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()

@@ -224,6 +224,13 @@ def test_refused_connection_is_retried_then_reported(server, sequences):
         proxy.stop()
 
 
-def test_client_module_imports_without_torch():
-    code = "import sys, reward_server.client; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+def test_imports_without_torch_and_an_unclosed_client_does_not_hold_exit():
+    """A process that never closes its client exits at once even with a request hanging on a silent server."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers
+        code = (f"import sys, reward_server.client as c; assert 'torch' not in sys.modules, 'torch imported'\n"
+                f"h = c.RemoteGPTRMClient('127.0.0.1:{silent.getsockname()[1]}', max_batch_size=4).infer_rm(['x'])\n"
+                f"import time; time.sleep(0.5); assert not h.done()")
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert time.monotonic() - start < 20
