@@ -47,7 +47,8 @@ def main():
     rng = np.random.default_rng(0)
     bare = httpclient.InferenceServerClient(args.url.removeprefix("http://"), network_timeout=600)
     print(f"{args.iters} calls each, sequences of {args.length} tokens, median ms per request")
-    print("| batch | bare tritonclient | RemoteGPTRMClient | overhead (median of paired differences) | infer_rm returns in |")
+    print("| batch | bare tritonclient | RemoteGPTRMClient | overhead (median of paired differences) "
+          "| infer_rm returns in |")
     print("|---|---|---|---|---|")
     with RemoteGPTRMClient(args.url, args.model) as client:
         for batch in args.batch_sizes:

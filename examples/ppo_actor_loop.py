@@ -69,7 +69,8 @@ def main():
             if distributed:
                 dist.all_reduce(mean)
                 mean /= dist.get_world_size()
-            print(f"rank {rank} step {step}: {len(rewards)} rewards, first {[round(r, 4) for r in rewards[:3].tolist()]}, "
+            first = [round(r, 4) for r in rewards[:3].tolist()]
+            print(f"rank {rank} step {step}: {len(rewards)} rewards, first {first}, "
                   f"mean{' over ranks' if distributed else ''} {mean.item():+.4f}; "
                   f"infer_rm returned in {sent * 1e3:.1f} ms, "
                   f"{work} steps of other work, rewards ready after the work: {ready_after_work}, "

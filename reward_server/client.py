@@ -375,7 +375,8 @@ class RemoteGPTRMClient:
 
     def infer_rm(self, batch, lengths=None) -> RewardFuture:
         """Start scoring `batch` (see `encode_batch` for the accepted forms) and return at once. The data is
-        copied before returning, so the caller may reuse its buffers. Server failures surface from the handle's `result()`, never from here."""
+        copied before returning, so the caller may reuse its buffers. Server failures surface from the handle's
+        `result()`, never from here."""
         if self._closed:
             raise RuntimeError("the client is closed")
         if os.getpid() != self._pid:
@@ -408,7 +409,8 @@ class RemoteGPTRMClient:
         """Most sequences per request: as set, else the model's max_batch_size read once from the server."""
         with self._config_lock:
             if self._max_batch_size is None:
-                status, body = self._request("GET", f"/v2/models/{quote(self.model_name)}/config", what="model config")
+                status, body, _ = self._request("GET", f"/v2/models/{quote(self.model_name)}/config",
+                                                what="model config")
                 if status != 200:
                     raise RewardServerError(f"{self.url}: cannot read the config of model {self.model_name!r} "
                                             f"(HTTP {status}): {_error_text(body)}")
@@ -462,7 +464,7 @@ class RemoteGPTRMClient:
             headers["Inference-Header-Content-Length"] = str(json_size)
         what = f"sequences {start}..{start + n - 1}"
         status, data, header_length = self._request("POST", f"/v2/models/{quote(self.model_name)}/infer", body,
-                                                    headers, what=what, with_header_length=True)
+                                                    headers, what=what)
         if status != 200:
             text = _error_text(data)
             cls, message = server_reason(text)
@@ -496,14 +498,14 @@ class RemoteGPTRMClient:
         return conn
 
     def _request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None, *,
-                 what: str, with_header_length: bool = False):
+                 what: str) -> Tuple[int, bytes, Optional[int]]:
+        """(HTTP status, body, Inference-Header-Content-Length), retrying connection failures and 503s."""
         started, failures = time.monotonic(), []
         for attempt in range(self.retries + 1):
             if self._closed:
                 raise RewardServerError(f"{what}: the client was closed")
             try:
-                status, data, header_length = self._once(method, path, body, headers or {}, what)
-                return (status, data, header_length) if with_header_length else (status, data)
+                return self._once(method, path, body, headers or {}, what)
             except _Retry as exc:
                 failures.append(str(exc))
             if attempt < self.retries:

@@ -144,7 +144,7 @@ def test_timeout_when_a_rank_stops_mid_request(server, sequences):
         os.kill(subscriber, signal.SIGSTOP)  # rank 0 now waits for rank 1 inside the forward
         try:
             start = time.monotonic()
-            with pytest.raises(RewardTimeout, match=r"did not answer sequences \d+\.\.\d+ within 2s \(request_timeout_s\)"):
+            with pytest.raises(RewardTimeout, match=r"did not answer sequences \d+\.\.\d+ within 2s"):
                 client.infer_rm(seqs).result(timeout=30)
             assert 1.5 < time.monotonic() - start < 8
             stuck = patient.infer_rm(seqs)
