@@ -234,3 +234,26 @@ def test_imports_without_torch_and_an_unclosed_client_does_not_hold_exit():
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
         assert time.monotonic() - start < 20
+
+
+def test_process_reward_model_step_rewards_through_the_client(start_server, tmp_path):
+    """Runs once the PRM feature (reward_server/prm.py, tests/test_prm.py) is on the branch."""
+    pytest.importorskip("reward_server.prm", reason="process reward models are not on this branch")
+    prm = pytest.importorskip("test_prm")
+    ckpt = prm.save_checkpoint(tmp_path / "shepherd", "MistralForCausalLM", seed=3)
+    srv = start_server(2, ["reward=math_shepherd", f"model.path={ckpt}", "parallel.tensor_parallel_size=2",
+                           "batching.max_batch_size=4", "reward.max_steps=8"], models=("reward", "reward_model"))
+    tok = prm.load_tokenizer(ckpt)
+    texts = prm.shepherd_texts(11, seed=5)
+    ids = [tok(t)["input_ids"] for t in texts]
+    expected = prm.shepherd_reference(ckpt, tok, ids)
+    with RemoteGPTRMClient(srv.url) as client:
+        handle = client.infer_rm(texts)  # 3 requests of at most 4
+        steps = handle.step_rewards()
+        assert [len(s) for s in steps] == [len(e) for e in expected]
+        for got, want in zip(steps, expected):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(handle.result()[:, 0], [e.min() for e in expected], atol=1e-5, rtol=0)
+        torch_steps = client.infer_rm([torch.tensor(i) for i in ids]).step_rewards()
+        assert all(isinstance(s, torch.Tensor) for s in torch_steps)
+        np.testing.assert_allclose(torch.cat(torch_steps).numpy(), np.concatenate(expected), atol=1e-5, rtol=0)
