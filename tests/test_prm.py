@@ -363,3 +363,28 @@ def test_step_tag_counts_and_multi_token_tags():
     # [.., 7] | [8, ..] across the boundary is not a step
     assert tag.counts(seqs).tolist() == [1, 2, 0]
     assert tag.hits(torch.tensor([[7, 8, 0], [0, 7, 8]])).tolist() == [[True, False], [False, True]]
+
+
+def test_step_outputs_aggregates_and_padding():
+    from reward_server.prm import StepOutputs, StepTag
+
+    tag = StepTag([5])
+    seqs = [np.array([1, 5, 2, 5, 5]), np.array([5, 1])]
+    values = np.array([[0.5, 0.2, 0.8], [0.9, 0.0, 0.0]], dtype=np.float32)
+    for name, expected in [("min", [0.2, 0.9]), ("last", [0.8, 0.9]), ("mean", [0.5, 0.9]),
+                           ("product", [0.08, 0.9])]:
+        out = StepOutputs(tag, name).scored(values, seqs)
+        np.testing.assert_allclose(out["rewards"][:, 0], expected, rtol=1e-6)
+    assert out["num_steps"].tolist() == [[3], [1]]
+    np.testing.assert_array_equal(out["step_rewards"], np.array([[0.5, 0.2, 0.8], [0.9, np.nan, np.nan]], np.float32))
+
+
+def test_bad_reward_config_fails_before_loading():
+    from reward_server.config import RewardConfig
+    from reward_server.prm import check_config
+
+    for bad, message in [(dict(score="sigmoid"), "score="), (dict(aggregate="max"), "aggregate="),
+                         (dict(score="logit"), "exactly one candidate"), (dict(step_tag=""), "needs a step_tag"),
+                         (dict(step_tag_source="ids"), "needs step_tag_ids"), (dict(max_steps=0), "max_steps")]:
+        with pytest.raises(ValueError, match=message):
+            check_config(RewardConfig(kind="prm", **bad))
