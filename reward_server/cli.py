@@ -14,7 +14,8 @@ from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .model import load_scalar_scorer, warm_up
-from .server import RewardService, resolve_access_token, start_triton
+from .prm import StepDecoder, StepOutputs, load_step_scorer
+from .server import RewardService, ScalarOutputs, resolve_access_token, start_triton
 
 log = logging.getLogger("reward_server")
 
@@ -32,10 +33,17 @@ def exit_with_launcher() -> None:
 def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
     exit_with_launcher()
+    if cfg.reward.kind not in ("scalar", "prm"):
+        raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
+    prm = cfg.reward.kind == "prm"
     topo = d.init_distributed(cfg.parallel)
-    scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
-    if cfg.batching.warmup:
-        warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
+    if prm:
+        scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching.max_tokens_per_forward,
+                                                           topo)
+    else:
+        scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
+        if cfg.batching.warmup:
+            warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
     engine = Engine(scorer, topo)
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
@@ -49,7 +57,12 @@ def serve(cfg: ServeConfig) -> int:
     max_length = cfg.model.max_length or model_config.max_position_embeddings
     rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
     leader = Leader(engine, cfg.parallel.heartbeat_s)
-    service = RewardService(leader, RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), scorer.width)
+    if prm:
+        decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, scorer.tag, cfg.reward.max_steps)
+        outputs = StepOutputs(scorer.tag, cfg.reward.aggregate)
+    else:
+        decoder, outputs = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), ScalarOutputs(scorer.width)
+    service = RewardService(leader, decoder, outputs)
     triton = start_triton(cfg, service, resolve_access_token(cfg))
 
     def drain(signum, _frame):

@@ -100,8 +100,40 @@ class ServerConfig:
 
 
 @dataclass
+class RewardConfig:
+    """What is scored. Presets live in conf/reward/ (`reward=math_shepherd`); docs/prm.md explains each field."""
+
+    # scalar: a sequence-classification head at the last token, one value per label.
+    # prm: a process reward model, one score per reasoning step (see docs/prm.md).
+    kind: str = "scalar"
+    # prm: where the steps are. text: every occurrence of `step_tag` in the text (tokenized with the model's
+    # tokenizer at load time); ids: the token id sequence `step_tag_ids`; generation_prompt: the tokens the
+    # chat template writes before an assistant reply (each step is a user turn answered by the assistant).
+    # A step is scored at the last token of its tag.
+    step_tag_source: str = "text"
+    step_tag: str = "ки"
+    step_tag_ids: List[int] = field(default_factory=list)
+    # prm: how a step's score is read from the logits at its position. softmax: softmax over the candidate
+    # tokens' logits, probability of the first (P(good) for [good, bad]); logit: the raw logit of the one
+    # candidate; classifier: a token-classification head, softmax over its labels, probability of positive_label.
+    score: str = "softmax"
+    # prm: candidate tokens as text (each must be one token of the model's tokenizer), or ids (win when set).
+    candidate_tokens: List[str] = field(default_factory=lambda: ["+", "-"])
+    candidate_token_ids: List[int] = field(default_factory=list)
+    positive_label: int = 1
+    # prm: the transformers Auto class to load; empty: AutoModelForTokenClassification for score=classifier,
+    # else AutoModelForCausalLM.
+    model_class: str = ""
+    # prm: the single value returned in `rewards`: min | last | mean | product of the step scores.
+    aggregate: str = "min"
+    # prm: a sequence with more steps than this is refused (per-request error).
+    max_steps: int = 64
+
+
+@dataclass
 class ServeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)

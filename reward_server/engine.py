@@ -54,8 +54,8 @@ class Engine:
         try:
             if mine:
                 values = self.scorer([seqs[i] for i in mine])
-                if self.topo.tp_rank == 0:
-                    out[torch.tensor(mine, device=out.device)] = values
+                if self.topo.tp_rank == 0:  # a share may need fewer columns than the batch (steps per row)
+                    out[torch.tensor(mine, device=out.device), : values.shape[1]] = values
         except Exception:
             log.exception("rank %d: forward failed", self.topo.rank)
             out[n, 0] = 1.0

@@ -4,7 +4,8 @@ Two models share one engine:
   server.model_name      (default "reward")        native contract, see inputs.py
   server.nemo_model_name (default "reward_model")  NeMo-Aligner's contract: an existing NeMo actor only
                                                    changes the URL
-Both answer `rewards` FP32 [batch, num_labels] and `error` BYTES [batch, 1] ("" when the row was scored).
+Both answer `rewards` FP32 [batch, num_labels] and `error` BYTES [batch, 1] ("" when the row was scored);
+with reward.kind=prm, `rewards` [batch, 1] plus `step_rewards` and `num_steps` (prm.StepOutputs, docs/prm.md).
 A request that fails its checks gets NaN rewards and its message in `error`, and the other requests of the
 same dynamic batch are scored as usual; when every request of a batch is bad the whole call fails with the
 message (HTTP 400/500 with the text).
@@ -53,11 +54,26 @@ def resolve_access_token(cfg: ServeConfig) -> str:
     return token
 
 
+class ScalarOutputs:
+    """`rewards` FP32 [batch, width]: one value per label."""
+
+    specs = [("rewards", np.float32, (-1,))]
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def scored(self, values: np.ndarray, seqs) -> dict:
+        return {"rewards": values}
+
+    def failed(self, n: int) -> dict:
+        return {"rewards": np.full((n, self.width), np.nan, dtype=np.float32)}
+
+
 class RewardService:
-    def __init__(self, leader: Leader, decoder: RequestDecoder, width: int):
+    def __init__(self, leader: Leader, decoder: RequestDecoder, outputs):
         self.leader = leader
         self.decoder = decoder
-        self.width = width
+        self.outputs = outputs  # ScalarOutputs or prm.StepOutputs: the tensors answered besides `error`
 
     def infer_native(self, requests) -> List[dict]:
         return self._infer(requests, self.decoder.native)
@@ -81,10 +97,9 @@ class RewardService:
         for d in decoded:
             if isinstance(d, InputError):
                 n = _batch_size(requests[len(responses)])
-                responses.append({"rewards": np.full((n, self.width), np.nan, dtype=np.float32),
-                                  "error": np.full((n, 1), str(d).encode(), dtype=object)})
+                responses.append({**self.outputs.failed(n), "error": np.full((n, 1), str(d).encode(), dtype=object)})
             else:
-                responses.append({"rewards": rewards[at:at + len(d)],
+                responses.append({**self.outputs.scored(rewards[at:at + len(d)], d),
                                   "error": np.full((len(d), 1), b"", dtype=object)})
                 at += len(d)
         return responses
@@ -114,7 +129,8 @@ def start_triton(cfg: ServeConfig, service: RewardService, access_token: str):
             preferred_batch_size=list(b.preferred_batch_sizes) or None,
         ),
     )
-    outputs = [Tensor(name="rewards", dtype=np.float32, shape=(-1,)), Tensor(name="error", dtype=bytes, shape=(1,))]
+    outputs = [Tensor(name=n, dtype=t, shape=shape) for n, t, shape in service.outputs.specs]
+    outputs.append(Tensor(name="error", dtype=bytes, shape=(1,)))
     triton.bind(
         model_name=s.model_name,
         infer_func=[service.infer_native] * b.instances,

@@ -1,0 +1,303 @@
+"""Process reward models: one score per reasoning step, read in a single forward pass over the whole solution.
+
+A step is marked by a step tag: a token id sequence found in the token ids themselves, so every rank finds
+the same steps in the ids it received (`StepTag.counts`), and the engine stays generic. A step is scored at
+the last token of its tag: the hidden state there goes through the model's own head (the LM head restricted
+to the candidate tokens, or a token-classification head) and becomes a number (`make_reader`).
+The formats (math-shepherd, Qwen2.5-Math-PRM, RLHFlow) are presets in conf/reward/; see docs/prm.md.
+"""
+
+import logging
+import re
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, RewardConfig
+from .distributed import Topology
+from .inputs import InputError, RequestDecoder
+from .model import load_pretrained, micro_batches
+
+log = logging.getLogger(__name__)
+
+SCORES = ("softmax", "logit", "classifier")
+TAG_SOURCES = ("text", "ids", "generation_prompt")
+AGGREGATES = {
+    "min": np.min,
+    "last": lambda v: v[-1],
+    "mean": np.mean,
+    "product": np.prod,
+}
+
+
+def check_config(cfg: RewardConfig) -> None:
+    """Fail at start-up, before loading a model, on a reward config that cannot work."""
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"reward config: {message}")
+
+    need(cfg.score in SCORES, f"score={cfg.score!r}, expected one of {SCORES}")
+    need(cfg.step_tag_source in TAG_SOURCES, f"step_tag_source={cfg.step_tag_source!r}, expected one of {TAG_SOURCES}")
+    need(cfg.step_tag_source != "text" or cfg.step_tag != "", "step_tag_source=text needs a step_tag")
+    need(cfg.step_tag_source != "ids" or len(cfg.step_tag_ids) > 0, "step_tag_source=ids needs step_tag_ids")
+    need(cfg.aggregate in AGGREGATES, f"aggregate={cfg.aggregate!r}, expected one of {sorted(AGGREGATES)}")
+    need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1")
+    n_candidates = len(cfg.candidate_token_ids or cfg.candidate_tokens)
+    need(cfg.score != "softmax" or n_candidates >= 2, "score=softmax needs at least two candidate tokens")
+    need(cfg.score != "logit" or n_candidates == 1, "score=logit needs exactly one candidate token")
+
+
+def text_token_ids(tokenizer, text: str) -> List[int]:
+    """`text` as token ids, without the word-start marker some tokenizers (SentencePiece) put before text that
+    does not itself start with a space: `encode("+")` may be ["▁+"] or ["▁", "+"]."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > 1 and not text[0].isspace() and tokenizer.decode(ids[:1]).strip() == "":
+        ids = ids[1:]
+    return ids
+
+
+def generation_prompt_ids(tokenizer) -> List[int]:
+    """The tokens the chat template writes before an assistant reply, as they tokenize inside a conversation
+    whose reply is "+" (so a template whose header merges with the reply is still matched as it appears)."""
+    if not tokenizer.chat_template:
+        raise ValueError("step_tag_source=generation_prompt needs a tokenizer with a chat template")
+    user = [{"role": "user", "content": "1"}]
+    before = tokenizer.apply_chat_template(user, tokenize=False)
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "+"}], tokenize=False)
+    if not (len(prompt) > len(before) and prompt.startswith(before) and full.startswith(prompt)):
+        raise ValueError("step_tag_source=generation_prompt: the chat template writes no generation prompt "
+                         "before the assistant reply; set step_tag_ids instead")
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    return [i for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]) if e > s and s >= len(before)
+            and e <= len(prompt)]
+
+
+class StepTag:
+    """The token id pattern that marks a step, and (for text tags) the string it comes from."""
+
+    def __init__(self, ids: List[int], text: Optional[str] = None):
+        self.ids = list(ids)
+        self.text = text
+        self._pattern = torch.tensor(self.ids, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"step tag {self.text!r} (token ids {self.ids})" if self.text else f"step tag token ids {self.ids}"
+
+    def hits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[..., L] ids -> [..., L - k + 1] bool: the tag starts here. Scored position = start + k - 1."""
+        k = len(self.ids)
+        if ids.shape[-1] < k:
+            return torch.zeros(*ids.shape[:-1], 0, dtype=torch.bool, device=ids.device)
+        return (ids.unfold(-1, k, 1) == self._pattern.to(ids.device)).all(-1)
+
+    def counts(self, seqs: List[torch.Tensor]) -> torch.Tensor:
+        """Steps in each sequence, in one pass over the concatenation (matches across a boundary don't count)."""
+        lengths = torch.tensor([len(s) for s in seqs], device=seqs[0].device)
+        segment = torch.repeat_interleave(torch.arange(len(seqs), device=lengths.device), lengths)
+        hits = self.hits(torch.cat(seqs))
+        k = len(self.ids)
+        inside = segment[: len(hits)] == segment[k - 1:]
+        return torch.bincount(segment[: len(hits)][hits & inside], minlength=len(seqs))
+
+    def encode(self, tokenizer, text: str, add_special_tokens: bool) -> List[int]:
+        """Tokenize `text` so that every occurrence of the tag string is exactly the tag's ids.
+
+        The text is tokenized once as a whole; where the tokenizer merged a tag occurrence with its neighbours
+        (byte-level BPE: "ки" after a space becomes the one token " ки"; SentencePiece: "ки" after a newline
+        lacks the word-start marker), only the tokens touching that occurrence are replaced, by the
+        tokenization of their text on either side of the tag with the tag's ids in between."""
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        if self.text is None:
+            return ids
+        out, i, done = [], 0, 0
+        for match in re.finditer(re.escape(self.text), text):
+            a, b = match.span()
+            if a < done:  # inside text already re-tokenized with the previous occurrence
+                continue
+            while i < len(ids) and offsets[i][1] <= a:
+                out.append(ids[i])
+                i += 1
+            j = i
+            while j < len(ids) and offsets[j][0] < b and offsets[j][1] > offsets[j][0]:
+                j += 1
+            if ids[i:j] == self.ids:
+                out += self.ids
+            else:
+                start = min([a] + [offsets[t][0] for t in range(i, j)])
+                done = max([b] + [offsets[t][1] for t in range(i, j)])
+                out += self._encode_around_tags(tokenizer, text[start:done])
+            i = j
+        return out + ids[i:]
+
+    def _encode_around_tags(self, tokenizer, text: str) -> List[int]:
+        parts = text.split(self.text)
+        out = tokenizer.encode(parts[0], add_special_tokens=False) if parts[0] else []
+        for part in parts[1:]:
+            out += self.ids + (tokenizer.encode(part, add_special_tokens=False) if part else [])
+        return out
+
+
+def make_step_tag(cfg: RewardConfig, tokenizer, vocab_size: int) -> StepTag:
+    if cfg.step_tag_source == "text":
+        tag = StepTag(text_token_ids(tokenizer, cfg.step_tag), cfg.step_tag)
+    elif cfg.step_tag_source == "ids":
+        tag = StepTag(cfg.step_tag_ids)
+    else:
+        tag = StepTag(generation_prompt_ids(tokenizer))
+    if not tag.ids or not all(0 <= i < vocab_size for i in tag.ids):
+        raise ValueError(f"{tag}: must be one or more token ids in [0, {vocab_size})")
+    return tag
+
+
+def candidate_ids(cfg: RewardConfig, tokenizer, vocab_size: int) -> List[int]:
+    if cfg.candidate_token_ids:
+        ids = list(cfg.candidate_token_ids)
+    else:
+        ids = []
+        for text in cfg.candidate_tokens:
+            tokens = text_token_ids(tokenizer, text)
+            if len(tokens) != 1:
+                raise ValueError(f"candidate token {text!r} is {len(tokens)} tokens {tokens} for this tokenizer; "
+                                 "set reward.candidate_token_ids instead")
+            ids += tokens
+    if not all(0 <= i < vocab_size for i in ids):
+        raise ValueError(f"candidate token ids {ids} outside the vocabulary [0, {vocab_size})")
+    return ids
+
+
+def make_reader(cfg: RewardConfig, candidates: List[int], device: torch.device):
+    """logits [n, vocab or labels] (float32) -> scores [n]."""
+    cand = torch.tensor(candidates, dtype=torch.int64, device=device)
+    if cfg.score == "softmax":
+        return lambda logits: logits[:, cand].softmax(-1)[:, 0]
+    if cfg.score == "logit":
+        return lambda logits: logits[:, cand[0]]
+    label = cfg.positive_label
+    return lambda logits: logits.softmax(-1)[:, label]
+
+
+class StepScorer:
+    """[n, max steps] scores (zeros past each row's steps; the server pads with NaN). One forward per
+    micro-batch; the head runs only on the hidden states at step positions."""
+
+    def __init__(self, backbone, head, read, tag: StepTag, pad_token_id: int, max_tokens_per_forward: int,
+                 device: torch.device):
+        self.backbone = backbone
+        self.head = head
+        self.read = read
+        self.tag = tag
+        self.pad_token_id = pad_token_id
+        self.budget = max_tokens_per_forward
+        self.device = device
+
+    def output_width(self, seqs: List[torch.Tensor]) -> int:
+        return max(1, int(self.tag.counts(seqs).max()))
+
+    @torch.inference_mode()
+    def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
+        out = torch.zeros(len(seqs), self.output_width(seqs), dtype=torch.float32, device=self.device)
+        k = len(self.tag.ids)
+        for idx in micro_batches([len(s) for s in seqs], self.budget):
+            rows = [seqs[i] for i in idx]
+            lengths = torch.tensor([len(r) for r in rows], device=self.device)
+            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
+            mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
+            hits = self.tag.hits(ids) & mask[:, k - 1:]
+            row, start = hits.nonzero(as_tuple=True)
+            hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            scores = self.read(self.head(hidden[row, start + k - 1]).float())
+            step = hits.cumsum(1)[row, start] - 1
+            out[torch.tensor(idx, device=self.device)[row], step] = scores
+        return out
+
+
+def check_head(model, backbone, head, probe: List[int], device: torch.device) -> None:
+    """The scorer applies `head` to the backbone's hidden states itself (to skip the vocabulary projection
+    everywhere but at the steps); refuse a model whose own logits are something else (e.g. soft-capped)."""
+    ids = torch.tensor([probe], device=device)
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits.float()
+        fast = head(backbone(input_ids=ids).last_hidden_state).float()
+    if not torch.allclose(fast, full, rtol=1e-2, atol=1e-2):
+        raise ValueError(f"{type(model).__name__}: its logits are not its head applied to the last hidden state "
+                         f"(max difference {(fast - full).abs().max().item():.3g}); this model is not supported")
+
+
+def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, max_tokens_per_forward: int, topo: Topology):
+    import transformers
+
+    check_config(cfg)
+    default = "AutoModelForTokenClassification" if cfg.score == "classifier" else "AutoModelForCausalLM"
+    model, path = load_pretrained(getattr(transformers, cfg.model_class or default), model_cfg, topo)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    vocab_size = model.config.vocab_size
+    tag = make_step_tag(cfg, tokenizer, vocab_size)
+    if cfg.score == "classifier":
+        head = model.score if hasattr(model, "score") else model.classifier
+        if not 0 <= cfg.positive_label < model.config.num_labels:
+            raise ValueError(f"reward.positive_label={cfg.positive_label} but the model has "
+                             f"{model.config.num_labels} labels")
+        candidates = []
+    else:
+        head = model.get_output_embeddings()
+        candidates = candidate_ids(cfg, tokenizer, vocab_size)
+    check_head(model, model.base_model, head, tag.ids + candidates + tag.ids, topo.device)
+    if topo.rank == 0:
+        log.info("process reward model: %s, score=%s, candidate token ids %s, aggregate=%s",
+                 tag, cfg.score, candidates, cfg.aggregate)
+    pad = model.config.pad_token_id
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    read = make_reader(cfg, candidates, topo.device)
+    scorer = StepScorer(model.base_model, head, read, tag, pad, max_tokens_per_forward, topo.device)
+    return scorer, tokenizer, model.config
+
+
+class StepDecoder(RequestDecoder):
+    """The usual request decoding, with text tokenized so that every tag occurrence is the tag's ids, and a
+    per-request error for a sequence with no step or more than `max_steps`."""
+
+    def __init__(self, tokenizer, rules, add_special_tokens: bool, tag: StepTag, max_steps: int):
+        super().__init__(tokenizer, rules, add_special_tokens)
+        self.tag = tag
+        self.max_steps = max_steps
+
+    def _tokenize(self, texts: List[str], add_special_tokens: bool) -> List[np.ndarray]:
+        return [np.asarray(self.tag.encode(self.tokenizer, t, add_special_tokens), dtype=np.int64) for t in texts]
+
+    def _checked(self, seqs: List[np.ndarray]) -> List[np.ndarray]:
+        seqs = super()._checked(seqs)
+        for row, n in enumerate(self.tag.counts([torch.from_numpy(s) for s in seqs]).tolist()):
+            if n == 0:
+                raise InputError(f"row {row}: no step found: the sequence must contain the {self.tag}")
+            if n > self.max_steps:
+                raise InputError(f"row {row}: {n} steps, more than reward.max_steps={self.max_steps}")
+        return seqs
+
+
+class StepOutputs:
+    """`step_rewards` FP32 [batch, max steps of the request] NaN-padded, `num_steps` INT32 [batch, 1],
+    `rewards` FP32 [batch, 1] = the configured aggregate of each row's step scores."""
+
+    specs = [("rewards", np.float32, (1,)), ("step_rewards", np.float32, (-1,)), ("num_steps", np.int32, (1,))]
+
+    def __init__(self, tag: StepTag, aggregate: str):
+        self.tag = tag
+        self.aggregate = AGGREGATES[aggregate]
+
+    def scored(self, values: np.ndarray, seqs: List[np.ndarray]) -> dict:
+        counts = self.tag.counts([torch.from_numpy(s) for s in seqs]).tolist()
+        steps = np.full((len(seqs), max(counts)), np.nan, dtype=np.float32)
+        rewards = np.empty((len(seqs), 1), dtype=np.float32)
+        for i, n in enumerate(counts):
+            steps[i, :n] = values[i, :n]
+            rewards[i, 0] = self.aggregate(steps[i, :n].astype(np.float64))
+        return {"rewards": rewards, "step_rewards": steps, "num_steps": np.array(counts, dtype=np.int32)[:, None]}
+
+    def failed(self, n: int) -> dict:
+        return {"rewards": np.full((n, 1), np.nan, dtype=np.float32),
+                "step_rewards": np.full((n, 1), np.nan, dtype=np.float32),
+                "num_steps": np.zeros((n, 1), dtype=np.int32)}

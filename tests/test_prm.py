@@ -1,0 +1,390 @@
+"""Process reward models end to end: torchrun 2 ranks (gloo), real PyTriton server, every step score equal to
+a reference computed here from a plain transformers forward, for each preset in conf/reward/.
+
+One server per preset for the whole module: math_shepherd (Mistral, TP=2), qwen_prm (Qwen2 token
+classification, DP=2), rlhflow (Llama chat, TP=2)."""
+
+from concurrent.futures import ThreadPoolExecutor
+import json
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as httpclient
+from pytriton.client import ModelClient
+from tritonclient.utils import InferenceServerException
+
+from conftest import Server
+
+pytestmark = pytest.mark.timeout(600)
+
+TAG = "ки"
+SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
+EXTRA_SPECIALS = ["<extra_0>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama-3-like: a header per turn, and a generation prompt (the RLHFlow preset scores where it predicts the reply).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# Training text for the test tokenizer's merges: "ки" is learnt both alone and merged with a leading space
+# (" ки" is one token), like real tokenizers whose tag token depends on the character before it.
+TRAINING_TEXT = """Step 1: Let x be the number of apples ки
+Step 2: Then 2x + 3 = 11, so x = 4 ки
+ки The answer is 4. ки
+Question: what is 3 + 5 - 2? Answer: 6.
+User: What is the capital of France? Assistant: The capital of France is Paris.
+"""
+
+
+def build_prm_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TRAINING_TEXT.strip().splitlines() * 4, trainer=trainer)
+    tok.add_special_tokens(EXTRA_SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_checkpoint(path, model_class: str, seed: int, **extra):
+    import transformers
+
+    tok = build_prm_tokenizer()
+    arch = model_class.split("For")[0]
+    cfg = getattr(transformers, f"{arch}Config")(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+        initializer_range=0.2, **extra)  # wide weights: step scores spread over (0, 1)
+    torch.manual_seed(seed)
+    getattr(transformers, model_class)(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def load_tokenizer(ckpt):
+    """The checkpoint's tokenizer as the server loads it (a saved and reloaded tokenizer may split text
+    differently from the object that was saved: here, digits)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ckpt)
+
+
+def one_id(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+# ---------------------------------------------------------------- references: plain transformers forwards
+
+def ref_lm_softmax(path, ids_list, tag_id, good, bad):
+    """math-shepherd's model card: one forward, at every step-tag position softmax over [good, bad] logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in ids_list:
+            ids = torch.as_tensor(ids)
+            logits = model(input_ids=ids[None]).logits[0]
+            out.append(logits[ids == tag_id][:, [good, bad]].softmax(-1)[:, 0].numpy())
+    return out
+
+
+def ref_token_classification(path, ids_list, sep_id):
+    """Qwen2.5-Math-PRM's card: P(positive) = softmax(logits[pos])[1] at every separator."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids in ids_list:
+            ids = torch.as_tensor(ids)
+            logits = model(input_ids=ids[None]).logits[0]
+            out.append(logits[ids == sep_id].softmax(-1)[:, 1].numpy())
+    return out
+
+
+def ref_rlhflow(path, tok, conversations):
+    """RLHFlow's script: one forward per step over the conversation so far, logits at -3 (the token before
+    the "+" reply and <|eot_id|>), softmax over ["+", "-"], P("+")."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    plus, minus = one_id(tok, "+"), one_id(tok, "-")
+    out = []
+    with torch.no_grad():
+        for conv in conversations:
+            scores = []
+            for k in range(2, len(conv) + 1, 2):
+                text = tok.apply_chat_template(conv[:k], tokenize=False)
+                ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
+                scores.append(model(input_ids=ids).logits[0, -3, [plus, minus]].softmax(-1)[0].item())
+            out.append(np.array(scores))
+    return out
+
+
+AGG = {"min": np.min, "last": lambda v: v[-1], "mean": np.mean, "product": np.prod}
+
+
+# ---------------------------------------------------------------- client helpers
+
+def infer(url, name, rows, model="reward"):
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+    data = np.array([[r.encode() if isinstance(r, str) else r] for r in rows], dtype=object)
+    inp = httpclient.InferInput(name, list(data.shape), "BYTES")
+    inp.set_data_from_numpy(data)
+    result = client.infer(model, [inp])
+    return {k: result.as_numpy(k) for k in ("rewards", "step_rewards", "num_steps", "error")}
+
+
+def infer_many(url, name, requests):
+    """Requests sent at once from threads, so the dynamic batcher merges rows of different step counts."""
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda rows: infer(url, name, rows), requests))
+
+
+def check(out, expected, aggregate):
+    assert (out["error"][:, 0] == b"").all(), out["error"]
+    assert out["num_steps"].dtype == np.int32
+    np.testing.assert_array_equal(out["num_steps"][:, 0], [len(e) for e in expected])
+    assert out["step_rewards"].shape == (len(expected), max(len(e) for e in expected))
+    for row, e in zip(out["step_rewards"], expected):
+        np.testing.assert_allclose(row[:len(e)], e, atol=1e-5, rtol=0)
+        assert np.isnan(row[len(e):]).all()
+    np.testing.assert_allclose(out["rewards"][:, 0], [AGG[aggregate](e) for e in expected], atol=1e-5, rtol=0)
+
+
+def check_many(outs, requests_expected, aggregate):
+    for out, expected in zip(outs, requests_expected):
+        check(out, expected, aggregate)
+
+
+def split(flat, sizes):
+    out, at = [], 0
+    for n in sizes:
+        out.append(flat[at:at + n])
+        at += n
+    return out
+
+
+def start(tmp_path_factory, name, ckpt, tp, overrides=()):
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    srv = Server(2, [f"reward={name}", f"model.path={ckpt}", f"parallel.tensor_parallel_size={tp}",
+                     "batching.max_tokens_per_forward=1024", *overrides], log)
+    try:
+        return srv.wait_ready(("reward", "reward_model"))
+    except BaseException:
+        srv.kill()
+        raise
+
+
+def stop(srv):
+    try:
+        srv.terminate(timeout=30)
+    except Exception:
+        srv.kill()
+
+
+# ---------------------------------------------------------------- math-shepherd: Mistral causal LM, TP=2
+
+def shepherd_texts(n, seed, glue=""):
+    """Solutions of 1..7 steps, each ended by the tag; `glue` is what stands between a step and its tag."""
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(n):
+        steps = [f"Step {i + 1}: x = {rng.integers(100)} + {rng.integers(100)}{glue}{TAG}"
+                 for i in range(int(rng.integers(1, 8)))]
+        texts.append(f"Question: what is {rng.integers(10)} + 5?\n" + "\n".join(steps))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def shepherd(tmp_path_factory):
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("shepherd"), "MistralForCausalLM", seed=3)
+    srv = start(tmp_path_factory, "math_shepherd", ckpt, tp=2,
+                overrides=["reward.max_steps=8", "batching.max_queue_delay_us=100000"])
+    yield srv, ckpt, load_tokenizer(ckpt)
+    stop(srv)
+
+
+def shepherd_reference(ckpt, tok, ids_list):
+    return ref_lm_softmax(ckpt, ids_list, one_id(tok, TAG), one_id(tok, "+"), one_id(tok, "-"))
+
+
+def test_math_shepherd_tp2_text_and_token_ids(shepherd):
+    srv, ckpt, tok = shepherd
+    requests = [shepherd_texts(n, seed) for seed, n in enumerate([3, 1, 5, 2])]
+    flat = [t for r in requests for t in r]
+    ids = [tok(t)["input_ids"] for t in flat]
+    # the tag follows a digit here, so the plain tokenizer already makes it its own token (the card's way)
+    assert [i.count(one_id(tok, TAG)) for i in ids] == [t.count(TAG) for t in flat]
+    expected = split(shepherd_reference(ckpt, tok, ids), [len(r) for r in requests])
+    check_many(infer_many(srv.url, "text", requests), expected, "min")
+    id_requests = split([" ".join(map(str, i)) for i in ids], [len(r) for r in requests])
+    check_many(infer_many(srv.url, "token_ids", id_requests), expected, "min")
+
+    # NeMo-Aligner's contract serves the same step scores (tokens right-padded + lengths)
+    tokens = np.zeros((len(ids), max(map(len, ids))), dtype=np.int64)
+    for i, row in enumerate(ids):
+        tokens[i, :len(row)] = row
+    lengths = np.array([[len(r)] for r in ids], dtype=np.int64)
+    with ModelClient(srv.url, "reward_model", inference_timeout_s=120) as client:
+        out = client.infer_batch(tokens=tokens, sequence_lengths=lengths)
+    check(out, [e for r in expected for e in r], "min")
+
+
+def test_step_tag_found_whatever_the_tokenizer_does_around_it(shepherd):
+    """" ки" is one merged token (id != the tag's), "\\nки" and "4ки" are not: the server still puts the tag's
+    id at every occurrence, and the rest of the text keeps its tokens."""
+    srv, ckpt, tok = shepherd
+    tag_id = one_id(tok, TAG)
+    assert tok.encode(" " + TAG, add_special_tokens=False) != [tag_id]  # the merged variant exists
+    texts = shepherd_texts(3, seed=7, glue=" ") + [
+        f"{TAG} Step 1: a ки\nки\nStep 3: 2+2=4{TAG} Step 4: x {TAG}  Step 5 {TAG}{TAG}",
+        f"Step 1: x = 4 {TAG}\nStep 2: ки is the tag{TAG}",
+    ]
+    plain = [tok(t)["input_ids"] for t in texts]
+    assert all(p.count(tag_id) < t.count(TAG) for p, t in zip(plain, texts))  # the card's way misses steps
+
+    def tag_as_own_token(text):  # independent construction: tokenize the pieces between tags
+        pieces = text.split(TAG)
+        ids = tok(pieces[0])["input_ids"]
+        for piece in pieces[1:]:
+            ids += [tag_id] + (tok.encode(piece, add_special_tokens=False) if piece else [])
+        return ids
+
+    ids = [tag_as_own_token(t) for t in texts]
+    assert [i.count(tag_id) for i in ids] == [t.count(TAG) for t in texts]
+    expected = shepherd_reference(ckpt, tok, ids)
+    check(infer(srv.url, "text", texts), expected, "min")
+    check(infer(srv.url, "token_ids", [" ".join(map(str, i)) for i in ids]), expected, "min")
+
+
+def test_no_step_or_too_many_steps_is_a_request_error(shepherd):
+    srv, ckpt, tok = shepherd
+    no_tag = "Step 1: x = 4\nStep 2: no tag here"
+    too_many = "\n".join(f"Step {i}: x{TAG}" for i in range(9))  # reward.max_steps=8
+    with pytest.raises(InferenceServerException, match="no step found"):
+        infer(srv.url, "text", [no_tag])
+    with pytest.raises(InferenceServerException, match="9 steps, more than reward.max_steps=8"):
+        infer(srv.url, "text", [too_many])
+    bad_ids = " ".join(map(str, tok(no_tag)["input_ids"]))
+    with pytest.raises(InferenceServerException, match="no step found"):
+        infer(srv.url, "token_ids", [bad_ids])
+
+    # in one dynamic batch (the server waits 100 ms for more requests) the good request is still scored
+    good = shepherd_texts(2, seed=11)
+    outs = infer_many(srv.url, "text", [[no_tag], good, [too_many, good[0]]])
+    assert b"no step found" in outs[0]["error"][0, 0] and outs[0]["num_steps"][0, 0] == 0
+    assert np.isnan(outs[0]["rewards"]).all() and np.isnan(outs[0]["step_rewards"]).all()
+    assert b"reward.max_steps" in outs[2]["error"][0, 0] and np.isnan(outs[2]["rewards"]).all()
+    check(outs[1], shepherd_reference(ckpt, tok, [tok(t)["input_ids"] for t in good]), "min")
+
+
+# ---------------------------------------------------------------- Qwen2.5-Math-PRM style: token classification, DP=2
+
+def qwen_messages(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        steps = [f"Step {i + 1}: {rng.integers(50)} + {rng.integers(50)}" for i in range(int(rng.integers(1, 7)))]
+        out.append([{"role": "system", "content": "Please reason step by step."},
+                    {"role": "user", "content": f"What is {rng.integers(10)} + 3?"},
+                    {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}])
+    return out
+
+
+def test_qwen_prm_dp2_messages_and_text(tmp_path_factory):
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("qwen"), "Qwen2ForTokenClassification", seed=4, num_labels=2)
+    srv = start(tmp_path_factory, "qwen_prm", ckpt, tp=1, overrides=["reward.aggregate=product"])
+    try:
+        tok = load_tokenizer(ckpt)
+        requests = [qwen_messages(n, seed) for seed, n in enumerate([4, 2, 3])]
+        rendered = [tok.apply_chat_template(m, tokenize=False) for r in requests for m in r]
+        ids = [tok.encode(t, add_special_tokens=False) for t in rendered]
+        expected = split(ref_token_classification(ckpt, ids, one_id(tok, "<extra_0>")), [len(r) for r in requests])
+        check_many(infer_many(srv.url, "messages", [[json.dumps(m) for m in r] for r in requests]), expected,
+                   "product")
+        # the same conversations as text, tokenized like tokenizer(text) (model.add_special_tokens: a second BOS)
+        text_requests = split(rendered, [len(r) for r in requests])
+        srv_text = [infer(srv.url, "text", r) for r in text_requests]
+        for out, exp, rows in zip(srv_text, expected, text_requests):
+            ids_bos = [tok(t)["input_ids"] for t in rows]
+            check(out, ref_token_classification(ckpt, ids_bos, one_id(tok, "<extra_0>")), "product")
+    finally:
+        stop(srv)
+
+
+# ---------------------------------------------------------------- RLHFlow chat PRM: Llama causal LM, TP=2
+
+def rlhflow_conversations(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        steps = [f"Step {i + 1}: x = {rng.integers(100)} - {rng.integers(10)}" for i in range(int(rng.integers(1, 6)))]
+        conv = []
+        for k, step in enumerate(steps):
+            conv.append({"role": "user", "content": (f"What is {rng.integers(9)} + 2? " if k == 0 else "") + step})
+            conv.append({"role": "assistant", "content": "+"})
+        out.append(conv)
+    return out
+
+
+def test_rlhflow_tp2_matches_one_forward_per_prefix(tmp_path_factory):
+    ckpt = save_checkpoint(tmp_path_factory.mktemp("rlhflow"), "LlamaForCausalLM", seed=5)
+    srv = start(tmp_path_factory, "rlhflow", ckpt, tp=2, overrides=["reward.aggregate=last"])
+    try:
+        tok = load_tokenizer(ckpt)
+        requests = [rlhflow_conversations(n, seed) for seed, n in enumerate([3, 4])]
+        expected = split(ref_rlhflow(ckpt, tok, [c for r in requests for c in r]), [len(r) for r in requests])
+        check_many(infer_many(srv.url, "messages", [[json.dumps(c) for c in r] for r in requests]), expected, "last")
+    finally:
+        stop(srv)
+
+
+# ---------------------------------------------------------------- step tags without a server
+
+def test_step_tag_counts_and_multi_token_tags():
+    from reward_server.prm import StepTag
+
+    tag = StepTag([7, 8])
+    seqs = [torch.tensor([1, 7, 8, 7]), torch.tensor([8, 7, 8, 7, 8]), torch.tensor([7])]
+    # [.., 7] | [8, ..] across the boundary is not a step
+    assert tag.counts(seqs).tolist() == [1, 2, 0]
+    assert tag.hits(torch.tensor([[7, 8, 0], [0, 7, 8]])).tolist() == [[True, False], [False, True]]
+
+
+def test_step_outputs_aggregates_and_padding():
+    from reward_server.prm import StepOutputs, StepTag
+
+    tag = StepTag([5])
+    seqs = [np.array([1, 5, 2, 5, 5]), np.array([5, 1])]
+    values = np.array([[0.5, 0.2, 0.8], [0.9, 0.0, 0.0]], dtype=np.float32)
+    for name, expected in [("min", [0.2, 0.9]), ("last", [0.8, 0.9]), ("mean", [0.5, 0.9]),
+                           ("product", [0.08, 0.9])]:
+        out = StepOutputs(tag, name).scored(values, seqs)
+        np.testing.assert_allclose(out["rewards"][:, 0], expected, rtol=1e-6)
+    assert out["num_steps"].tolist() == [[3], [1]]
+    np.testing.assert_array_equal(out["step_rewards"], np.array([[0.5, 0.2, 0.8], [0.9, np.nan, np.nan]], np.float32))
+
+
+def test_bad_reward_config_fails_before_loading():
+    from reward_server.config import RewardConfig
+    from reward_server.prm import check_config
+
+    for bad, message in [(dict(score="sigmoid"), "score="), (dict(aggregate="max"), "aggregate="),
+                         (dict(score="logit"), "exactly one candidate"), (dict(step_tag=""), "needs a step_tag"),
+                         (dict(step_tag_source="ids"), "needs step_tag_ids"), (dict(max_steps=0), "max_steps")]:
+        with pytest.raises(ValueError, match=message):
+            check_config(RewardConfig(kind="prm", **bad))
