@@ -9,9 +9,9 @@ MODEL=${MODEL:-/tmp/rm8b}
 STAGES=${STAGES:-inprocess server naive}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
-wait_ready() {  # url
+wait_ready() {  # host:port, waits for the model `reward` to be ready
   for _ in $(seq 300); do
-    python3 -c "import urllib.request,sys; urllib.request.urlopen('http://$1/v2/health/ready', timeout=2)" 2>/dev/null && return 0
+    python3 -c "import urllib.request,sys; urllib.request.urlopen('http://$1/v2/models/reward/ready', timeout=2)" 2>/dev/null && return 0
     sleep 1
   done
   return 1
@@ -29,7 +29,7 @@ fi
 if [[ $STAGES == *server* ]]; then
   torchrun --nproc_per_node 1 serve_reward_model.py model.path="$MODEL" "$@" > "$OUT/server.log" 2>&1 &
   wait_ready localhost:8000 || { tail -50 "$OUT/server.log"; exit 1; }
-  python3 benchmarks/check_server.py --model "$MODEL" --n 64 | tee "$OUT/check.json"
+  [ -n "${SKIP_CHECK:-}" ] || python3 benchmarks/check_server.py --model "$MODEL" --n 64 | tee "$OUT/check.json"
   python3 benchmarks/perf.py --input /tmp/fixed512.json --concurrency 64 --label "ours fixed-512" | tee "$OUT/perf_fixed512.md"
   python3 benchmarks/perf.py --input /tmp/rlhf.json --concurrency ${CONCURRENCY:-1 8 64} --label "ours rlhf" | tee "$OUT/perf_rlhf.md"
   pkill -TERM -f serve_reward_model.py; sleep 5

@@ -97,6 +97,8 @@ class ServerConfig:
     access_token_env: str = "REWARD_SERVER_ACCESS_TOKEN"
     access_token_file: Optional[str] = None
     log_verbose: int = 0
+    # Tries to start Triton (PyTriton 0.7 can fail a multi-instance model load under CPU load; see server.py).
+    startup_attempts: int = 3
 
 
 @dataclass

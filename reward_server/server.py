@@ -110,6 +110,26 @@ def _batch_size(request) -> int:
 
 
 def start_triton(cfg: ServeConfig, service: RewardService, access_token: str):
+    """Start Triton with our models bound. PyTriton 0.7 has a start-up race with several model instances (the
+    second instance may connect to the first one's handshake socket between bind and listen, and the model
+    fails to load with "Connection refused"); a failed start is retried a few times."""
+    for attempt in range(1, cfg.server.startup_attempts + 1):
+        triton = _bind_models(cfg, service, access_token)
+        try:
+            triton.run()
+            break
+        except Exception as exc:
+            triton.stop()
+            if attempt == cfg.server.startup_attempts:
+                raise
+            log.warning("Triton failed to start (attempt %d): %s; retrying", attempt, str(exc).splitlines()[0])
+    s = cfg.server
+    log.info("serving models %s on http://%s:%d (grpc %d, metrics %d)",
+             [m for m in (s.model_name, s.nemo_model_name) if m], s.host, s.http_port, s.grpc_port, s.metrics_port)
+    return triton
+
+
+def _bind_models(cfg: ServeConfig, service: RewardService, access_token: str):
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -152,7 +172,4 @@ def start_triton(cfg: ServeConfig, service: RewardService, access_token: str):
             config=model_config,
             strict=True,
         )
-    triton.run()
-    log.info("serving models %s on http://%s:%d (grpc %d, metrics %d)",
-             [m for m in (s.model_name, s.nemo_model_name) if m], s.host, s.http_port, s.grpc_port, s.metrics_port)
     return triton
