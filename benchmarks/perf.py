@@ -4,8 +4,8 @@ requests/s, tokens/s and latency per concurrency.
     python benchmarks/workload.py --out workload.json --n 2000 --vocab 128256
     REWARD_SERVER_ACCESS_TOKEN=... python benchmarks/perf.py --input workload.json --concurrency 1 8 64
 
-perf_analyzer needs libb64.so.0d (Debian's libb64-0d, or the copy inside nvidia-pytriton) and libcudart.so.12
-(the nvidia-cuda-runtime-cu12 wheel); this script puts both on LD_LIBRARY_PATH. It reads Triton's statistics
+perf_analyzer needs libb64.so.0d and libcudart.so.12; nvidia-pytriton carries both, and this script puts them
+on LD_LIBRARY_PATH, so it runs on a CPU-only machine too. It reads Triton's statistics
 API, which PyTriton protects with an access token: pass it in REWARD_SERVER_ACCESS_TOKEN (sent as a header).
 """
 
@@ -23,18 +23,20 @@ import tempfile
 
 
 def library_path() -> str:
-    dirs = []
+    """perf_analyzer links libb64.so.0d and libcudart.so.12 by name; nvidia-pytriton ships both under hashed
+    names, so link them under their plain names in a temporary directory."""
+    alias = os.path.join(tempfile.gettempdir(), "perf-analyzer-libs")
+    os.makedirs(alias, exist_ok=True)
     for sp in site.getsitepackages():
-        dirs += glob.glob(os.path.join(sp, "nvidia", "cuda_runtime", "lib"))
-        libs = glob.glob(os.path.join(sp, "nvidia_pytriton.libs", "libb64-*.so.0d"))
-        if libs and not glob.glob("/usr/lib/*/libb64.so.0d"):
-            alias = os.path.join(tempfile.gettempdir(), "perf-analyzer-libs")
-            os.makedirs(alias, exist_ok=True)
-            link = os.path.join(alias, "libb64.so.0d")
-            if not os.path.exists(link):
-                os.symlink(libs[0], link)
-            dirs.append(alias)
-    return ":".join(dirs + [os.environ.get("LD_LIBRARY_PATH", "")])
+        for pattern, name in (("libb64-*.so.0d", "libb64.so.0d"), ("libcudart-*.so.12*", "libcudart.so.12")):
+            found = glob.glob(os.path.join(sp, "nvidia_pytriton.libs", pattern))
+            link = os.path.join(alias, name)
+            if found and not os.path.exists(link):
+                try:
+                    os.symlink(found[0], link)
+                except FileExistsError:  # another run made it first
+                    pass
+    return ":".join([alias, os.environ.get("LD_LIBRARY_PATH", "")])
 
 
 def mean_tokens(input_json: str) -> float:

@@ -1,0 +1,48 @@
+"""Smoke tests so the benchmark scripts do not rot: each runs for a few seconds on CPU with a tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.timeout(300)
+BENCH = REPO / "benchmarks"
+
+
+def run(args, **env):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": f"{REPO}:{BENCH}", **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_workload_and_inprocess_baselines(tmp_path, llama_ckpt):
+    out = tmp_path / "w.json"
+    assert "40 sequences" in run([BENCH / "workload.py", "--out", out, "--n", 40, "--vocab", 512])
+    rows = json.load(open(out))["data"]
+    assert len(rows) == 40 and all(64 + 16 <= len(r["token_ids"]["content"][0].split()) <= 3072 for r in rows)
+    report = tmp_path / "inprocess.json"
+    run([BENCH / "inprocess.py", "--model", llama_ckpt, "--n", 12, "--chunk", 4, "--dense", "2x64",
+         "--budget", 4096, "--json", report])
+    results = {r["name"]: r for r in json.load(open(report))}
+    assert results["dense 2x64"]["tokens_per_s"] > 0
+    workload = [r for name, r in results.items() if name.startswith("workload")]
+    assert {"packed", "padded"} == {r["name"].split()[1] for r in workload}
+    assert all(r["max_abs_diff_vs_plain"] < 1e-4 for r in workload)
+
+
+def test_perf_analyzer_against_live_server(tmp_path, start_server, llama_ckpt):
+    token = "smoke-test-token"
+    srv = start_server(2, [f"model.path={llama_ckpt}"], env={"REWARD_SERVER_ACCESS_TOKEN": token})
+    data = tmp_path / "w.json"
+    run([BENCH / "workload.py", "--out", data, "--n", 16, "--vocab", 512, "--fixed", 64])
+    out = run([BENCH / "perf.py", "--url", srv.url.removeprefix("http://"), "--input", data, "--concurrency", 2,
+               "--requests", 16, "--label", "smoke"], REWARD_SERVER_ACCESS_TOKEN=token)
+    row = [line for line in out.splitlines() if line.startswith("| smoke |")]
+    assert row, out
+    _, _, conc, req_s, tok_s, p50, p99, _ = row[0].split("|")
+    assert int(conc) == 2 and float(req_s) > 0 and float(tok_s) == pytest.approx(64 * float(req_s), rel=0.01)
