@@ -207,7 +207,7 @@ class StepScorer:
             mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
             hits = self.tag.hits(ids) & mask[:, k - 1:]
             row, start = hits.nonzero(as_tuple=True)
-            hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            hidden = self.backbone(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
             scores = self.read(self.head(hidden[row, start + k - 1]).float())
             step = hits.cumsum(1)[row, start] - 1
             out[torch.tensor(idx, device=self.device)[row], step] = scores
