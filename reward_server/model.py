@@ -43,9 +43,27 @@ def resolve_path(cfg: ModelConfig, topo: Topology) -> str:
     return path or default_model_path(cfg.default, cfg.cache_dir)
 
 
+def tensor_parallel_kwargs(topo: Topology) -> dict:
+    """from_pretrained arguments for transformers' own tensor parallelism, with tensor_parallel_size ranks per
+    replica and world / tensor_parallel_size data-parallel replicas (ranks r*tp .. r*tp+tp-1 form replica r)."""
+    from transformers import DistributedConfig
+
+    if topo.dp_size == 1:
+        return {"distributed_config": DistributedConfig(tp_size=topo.tp_size)}
+    if "dp_replicate_size" in DistributedConfig.__dataclass_fields__:
+        # transformers >= 5.18 builds one (pp, dp_replicate, fsdp, tp) mesh over the world: replicas become
+        # unsharded HSDP replicas, which exchange nothing in a forward, so each may score its own share.
+        return {"distributed_config": DistributedConfig(tp_size=topo.tp_size, dp_replicate_size=topo.dp_size)}
+    # transformers <= 5.17 takes a mesh and applies tensor parallelism on its "tp" dimension only.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(topo.device.type, (topo.dp_size, topo.tp_size), mesh_dim_names=("fsdp", "tp"))
+    return {"distributed_config": DistributedConfig(tp_size=topo.tp_size, fsdp_size=topo.dp_size), "device_mesh": mesh}
+
+
 def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     """from_pretrained on every rank: whole model per rank (data parallel) or transformers' own tensor
-    parallelism over all ranks (DistributedConfig(tp_size=...))."""
+    parallelism within each replica (see tensor_parallel_kwargs)."""
     path = resolve_path(cfg, topo)
     dtype = resolve_dtype(cfg.dtype, topo.device)
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.attn_implementation, topo.device),
@@ -56,15 +74,7 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
                  topo.tp_size, topo.dp_size)
     start = time.monotonic()
     if topo.tp_size > 1:
-        if topo.dp_size > 1:
-            raise NotImplementedError(
-                f"tensor_parallel_size={topo.tp_size} with {topo.dp_size} data-parallel replicas: transformers' "
-                "tensor parallelism spans the whole torchrun world, so use tensor_parallel_size=1 (data parallel) "
-                "or tensor_parallel_size=<nproc_per_node> (tensor parallel)."
-            )
-        from transformers import DistributedConfig
-
-        model = model_class.from_pretrained(path, distributed_config=DistributedConfig(tp_size=topo.tp_size), **kwargs)
+        model = model_class.from_pretrained(path, **kwargs, **tensor_parallel_kwargs(topo))
     else:
         model = model_class.from_pretrained(path, **kwargs).to(topo.device)
     model.eval()
@@ -86,6 +96,19 @@ def micro_batches(lengths: Sequence[int], budget: int) -> List[List[int]]:
     return batches
 
 
+def plain_head(head: torch.nn.Module):
+    """The head as a function of ordinary tensors. With tensor x data parallelism transformers wraps the model in
+    FSDP, which gathers the root's own parameters (the head) only inside the root's forward; we call the backbone
+    and the head separately, so gather the head's weights once here (a gather within each replica)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(getattr(head, "weight", None), DTensor):
+        return head
+    weight = head.weight.full_tensor()
+    bias = head.bias.full_tensor() if getattr(head, "bias", None) is not None else None
+    return lambda hidden: torch.nn.functional.linear(hidden, weight, bias)
+
+
 class SequenceScorer:
     """Scalar (or multi-attribute) reward of a sequence-classification model: the head applied to the hidden
     state of each sequence's last token. Pools by length, not by searching for pad tokens, so a sequence
@@ -93,7 +116,7 @@ class SequenceScorer:
 
     def __init__(self, model, pad_token_id: int, max_tokens_per_forward: int, device: torch.device):
         self.backbone = model.base_model
-        self.head = model.score
+        self.head = plain_head(model.score)
         self.width = model.config.num_labels
         self.pad_token_id = pad_token_id
         self.budget = max_tokens_per_forward
@@ -102,7 +125,7 @@ class SequenceScorer:
     def output_width(self, seqs: List[torch.Tensor]) -> int:
         return self.width
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP-wrapped replicas (TP x DP) cannot unshard inference tensors
     def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
         out = torch.zeros(len(seqs), self.width, dtype=torch.float32, device=self.device)
         for idx in micro_batches([len(s) for s in seqs], self.budget):
@@ -147,7 +170,7 @@ class PackedSequenceScorer(SequenceScorer):
         super().__init__(model, pad_token_id, max_tokens_per_forward, device)
         self.row_tokens = row_tokens or max_tokens_per_forward
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP-wrapped replicas (TP x DP) cannot unshard inference tensors
     def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
         out = torch.zeros(len(seqs), self.width, dtype=torch.float32, device=self.device)
         lengths = [len(s) for s in seqs]

@@ -17,7 +17,7 @@ import torch
 from .config import ModelConfig, RewardConfig
 from .distributed import Topology
 from .inputs import InputError, RequestDecoder
-from .model import load_pretrained, micro_batches
+from .model import plain_head, load_pretrained, micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class StepScorer:
     def output_width(self, seqs: List[torch.Tensor]) -> int:
         return max(1, int(self.tag.counts(seqs).max()))
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP-wrapped replicas (TP x DP) cannot unshard inference tensors
     def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
         out = torch.zeros(len(seqs), self.output_width(seqs), dtype=torch.float32, device=self.device)
         k = len(self.tag.ids)
@@ -218,7 +218,7 @@ def check_head(model, backbone, head, probe: List[int], device: torch.device) ->
     """The scorer applies `head` to the backbone's hidden states itself (to skip the vocabulary projection
     everywhere but at the steps); refuse a model whose own logits are something else (e.g. soft-capped)."""
     ids = torch.tensor([probe], device=device)
-    with torch.inference_mode():
+    with torch.no_grad():
         full = model(input_ids=ids).logits.float()
         fast = head(backbone(input_ids=ids).last_hidden_state).float()
     if not torch.allclose(fast, full, rtol=1e-2, atol=1e-2):
@@ -244,6 +244,7 @@ def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, max_tokens_per_f
     else:
         head = model.get_output_embeddings()
         candidates = candidate_ids(cfg, tokenizer, vocab_size)
+    head = plain_head(head)
     check_head(model, model.base_model, head, tag.ids + candidates + tag.ids, topo.device)
     if topo.rank == 0:
         log.info("process reward model: %s, score=%s, candidate token ids %s, aggregate=%s",

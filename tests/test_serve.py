@@ -92,3 +92,11 @@ def test_default_model_serves_and_sigterm_exits_cleanly(start_server):
     log = srv.log()
     assert "rank 0 exited cleanly" in log and "rank 1 exited cleanly" in log, log[-3000:]
     assert "exitcode  : 1" not in log
+
+
+def test_four_ranks_two_replicas_of_tensor_parallel_two(start_server, llama_ckpt):
+    """world 4 = 2 data-parallel replicas x tensor parallel 2 (transformers' TP inside each replica)."""
+    srv = start_server(4, [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=2", "batching.instances=1"])
+    seqs = mixed_sequences(12, seed=3, max_len=256)
+    np.testing.assert_allclose(score_tokens(srv.url, seqs, per_request=6, clients=2),
+                               reference_rewards(llama_ckpt, seqs), atol=1e-4, rtol=0)
