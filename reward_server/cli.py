@@ -10,11 +10,12 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as d
+from . import faults, lifecycle
 from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .model import load_scalar_scorer
-from .server import RewardService, resolve_access_token, start_triton
+from .server import RewardService, resolve_access_token, resolve_inference_token, start_triton
 
 log = logging.getLogger("reward_server")
 
@@ -33,7 +34,10 @@ def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
     exit_with_launcher()
     topo = d.init_distributed(cfg.parallel)
+    inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
     scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching.max_tokens_per_forward, topo)
+    if faults.enabled(cfg.fault_injection):
+        scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
     engine = Engine(scorer, topo)
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
@@ -48,9 +52,14 @@ def serve(cfg: ServeConfig) -> int:
     rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
     leader = Leader(engine, cfg.parallel.heartbeat_s)
     service = RewardService(leader, RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), scorer.width)
-    triton = start_triton(cfg, service, resolve_access_token(cfg))
+    with lifecycle.triton_process_group() as reaper:  # noqa: F841 (kept until exit; see lifecycle.py)
+        triton = start_triton(cfg, service, resolve_access_token(cfg), inference_token)
+    draining = threading.Event()
 
     def drain(signum, _frame):
+        if draining.is_set():
+            return
+        draining.set()
         log.info("signal %d: draining and shutting down", signum)
         def stop():
             triton.stop()  # waits for requests already in flight; the leader is still serving them
