@@ -1,11 +1,12 @@
 """A rank that dies or runs out of memory never hangs the server: the requests in flight get an error, the whole
 process group exits within 60 s, and torchrun (--max-restarts) starts it again; once the restarts are spent
-torchrun exits non-zero.
+torchrun exits non-zero. A rank that hangs instead is caught by the collective timeout (parallel.timeout_s).
 
 One torchrun for the module (2 data-parallel ranks, --max-restarts=3); the tests run in order and each leaves it
 restarting. Every forward sleeps 1 s (fault_injection.forward_delay_s) so that requests are surely in flight.
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -27,7 +28,8 @@ SEQS = [np.arange(4, 4 + n) % 500 + 4 for n in (3, 17, 9, 30, 5, 12)]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, llama_ckpt):
     tmp = tmp_path_factory.mktemp("rank_failure")
-    overrides = [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=1", "fault_injection.forward_delay_s=1",
+    overrides = [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=1", "parallel.timeout_s=10",
+                 "fault_injection.forward_delay_s=1",
                  f"fault_injection.oom_file={tmp / 'oom'}", "fault_injection.oom_rank=1"]
     with running_server(tmp, overrides, launcher_args=[f"--max-restarts={RESTARTS}"]) as srv:
         srv.oom_file = tmp / "oom"
@@ -101,8 +103,21 @@ def test_out_of_memory_on_one_rank(server):
     restarted_and_serving(server, 3)
 
 
-def test_torchrun_exits_nonzero_when_restarts_are_spent(server):
-    start = time.monotonic()
-    fail_while_busy(server, lambda ranks: os.kill(ranks[1], signal.SIGKILL))
-    assert server.proc.wait(timeout=60) != 0
-    print(f"torchrun exited {server.proc.returncode} {time.monotonic() - start:.1f} s after the failure")
+def test_stuck_rank_times_out_and_torchrun_exits_nonzero_when_restarts_are_spent(server):
+    """A rank that hangs (SIGSTOP) instead of dying: rank 0's collective times out after parallel.timeout_s,
+    the requests get an error, and this fourth failure ends torchrun."""
+    stopped, at = [], []
+
+    def stop(ranks):
+        stopped.append(ranks[1])
+        at.append(time.monotonic())
+        os.kill(ranks[1], signal.SIGSTOP)
+
+    try:
+        fail_while_busy(server, stop)
+        assert server.proc.wait(timeout=60) != 0
+    finally:
+        for pid in stopped:  # never leave a stopped process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    print(f"torchrun exited {server.proc.returncode} {time.monotonic() - at[0]:.1f} s after the failure")
