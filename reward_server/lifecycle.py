@@ -13,8 +13,10 @@ import contextlib
 import os
 import subprocess
 
-# `read` returns when rank 0's end of the pipe closes; `kill -9 0` signals the reaper's own process group.
-_REAPER = 'trap "" TERM INT HUP; read _; kill -9 0'
+# `read` returns when rank 0's end of the pipe closes; then remove the shared memory regions Triton's Python
+# backend made for rank 0 ("pytrtion<rank 0 pid>-*", PyTriton's naming; already gone after a clean stop) and
+# SIGKILL the reaper's own process group (`kill -9 0`).
+_REAPER = 'trap "" TERM INT HUP; read _; rm -f /dev/shm/pytrtion"$PPID"-*; kill -9 0'
 _group = None  # while set, processes forked from Python join this process group
 
 

@@ -7,7 +7,8 @@ Two models share one engine:
 Both answer `rewards` FP32 [batch, num_labels] and `error` BYTES [batch, 1] ("" when the row was scored).
 A request that fails its checks gets NaN rewards and its message in `error`, and the other requests of the
 same dynamic batch are scored as usual; when every request of a batch is bad the whole call fails with the
-message (HTTP 400/500 with the text).
+message (HTTP 500; PyTriton can only fail a whole batch). A forward that fails alike on every rank (a request
+that slipped past the checks) is retried one request at a time, so only the bad request fails.
 """
 
 import logging

@@ -1,5 +1,5 @@
-"""Bad input never takes the server down nor fails other requests: 49 bad requests (checked by us, rejected by
-Triton itself, or slipping past the checks and failing the forward) sent at once with 46 good ones, so that
+"""Bad input never takes the server down nor fails other requests: 53 bad requests (checked by us, rejected by
+Triton itself, or slipping past the checks and failing the forward) sent at once with 35 good ones, so that
 Triton's dynamic batcher merges them; every good reward must equal a plain transformers forward.
 
 One server for the module: torchrun 2 ranks, tensor parallel, model.max_length=64, truncation=error, a long

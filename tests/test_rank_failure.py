@@ -7,6 +7,7 @@ restarting. Every forward sleeps 1 s (fault_injection.forward_delay_s) so that r
 """
 
 import contextlib
+import glob
 import os
 import signal
 import time
@@ -55,7 +56,8 @@ def score(url, seq):
 
 def fail_while_busy(srv, fail):
     """Send requests, call fail(ranks) while they are in flight; check that the requests are answered (rewards
-    right, or an error) and that the old ranks and tritonserver are gone within 60 s. Returns the errors."""
+    right, or an error) and that the old ranks and tritonserver are gone within 60 s. Returns the errors and the
+    old ranks."""
     srv.wait_ready(("reward", "reward_model"))
     ranks = rank_pids(srv.proc.pid)
     assert sorted(ranks) == [0, 1], ranks
@@ -77,7 +79,7 @@ def fail_while_busy(srv, fail):
         if not isinstance(r, Exception):
             np.testing.assert_allclose(r, expected, atol=1e-4, rtol=0)
     assert answered < 30
-    return errors
+    return errors, ranks
 
 
 def restarted_and_serving(srv, restarts_done):
@@ -92,12 +94,13 @@ def test_subscriber_killed(server):
 
 
 def test_rank0_killed_takes_tritonserver_with_it(server):
-    fail_while_busy(server, lambda ranks: os.kill(ranks[0], signal.SIGKILL))
+    _, ranks = fail_while_busy(server, lambda ranks: os.kill(ranks[0], signal.SIGKILL))
+    assert not glob.glob(f"/dev/shm/pytrtion{ranks[0]}-*")  # the reaper removed its shared memory
     restarted_and_serving(server, 2)
 
 
 def test_out_of_memory_on_one_rank(server):
-    errors = fail_while_busy(server, lambda ranks: server.oom_file.touch())
+    errors, _ = fail_while_busy(server, lambda ranks: server.oom_file.touch())
     assert any("fatal error (out of memory?)" in str(e) for e in errors), errors
     assert "injected by fault_injection.oom_file on rank 1" in server.log()
     restarted_and_serving(server, 3)
