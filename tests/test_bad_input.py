@@ -223,7 +223,7 @@ def test_bad_requests_fail_alone_and_good_ones_in_the_same_batches_are_scored(se
     assert not mismatches, "\n".join(mismatches)
     # a bad request answered with an error row shared its batch with good requests (an all-bad batch raises)
     print(f"{len(bad)} bad requests, {shared_batch} of them answered inside a batch with good ones")
-    assert shared_batch >= 5, shared_batch
+    assert shared_batch >= 3, shared_batch
 
     # the batches holding a poisoned request were scored again one request at a time
     assert "scoring them one at a time" in server.log()
