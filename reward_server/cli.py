@@ -52,8 +52,8 @@ def serve(cfg: ServeConfig) -> int:
     rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
     leader = Leader(engine, cfg.parallel.heartbeat_s)
     service = RewardService(leader, RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), scorer.width)
-    with lifecycle.triton_process_group() as reaper:  # noqa: F841 (kept until exit; see lifecycle.py)
-        triton = start_triton(cfg, service, resolve_access_token(cfg), inference_token)
+    with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
+        triton = start_triton(cfg, service, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
     draining = threading.Event()
 
     def drain(signum, _frame):

@@ -7,9 +7,11 @@ Every batch crosses in three steps, all ranks in lock-step:
 Rank 0 checks every request before step 1, so a malformed request never reaches the subscribers.
 """
 
+import contextlib
 import datetime
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import List, Optional, Tuple
@@ -98,6 +100,25 @@ def attempt_store(timeout: datetime.timedelta):
 def send_header(command: Command, n_seqs: int = 0, n_tokens: int = 0) -> None:
     header = torch.tensor([int(command), n_seqs, n_tokens], dtype=torch.int64)
     dist.broadcast(header, src=0, group=_control_group)
+
+
+@contextlib.contextmanager
+def heartbeats(period_s: float):
+    """Rank 0: send heartbeats from a thread while the main thread is busy on its own (starting Triton), so that
+    the subscribers, already waiting for their first header, do not time out."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(period_s):
+            send_header(Command.HEARTBEAT)
+
+    thread = threading.Thread(target=beat, name="startup-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def recv_header() -> Tuple[Command, int, int]:
