@@ -1,6 +1,7 @@
-"""Load: 64 concurrent clients send 2,048 requests (RELIABILITY_LOAD_PER_CLIENT scales it) of mixed size (1-4 sequences of 1-32 tokens, native token_ids
-and NeMo tokens + sequence_lengths). Every request must be answered with the rewards of a plain transformers
-forward, and rank 0's memory must stay flat after warm-up (VmRSS from /proc, sampled throughout).
+"""Load: 64 concurrent clients send 2,048 requests (RELIABILITY_LOAD_PER_CLIENT scales it) of mixed size: 1-4
+sequences of 1-32 tokens, native token_ids and NeMo tokens + sequence_lengths. Every request must be answered
+with the rewards of a plain transformers forward, and rank 0's memory must stay flat after warm-up (VmRSS from
+/proc, sampled throughout).
 
 Bounded for a 2-core machine: the tiny test Llama, short sequences, torchrun 2 data-parallel ranks.
 """
