@@ -10,12 +10,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed as d
+from . import faults, lifecycle
 from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .model import load_scalar_scorer, warm_up
 from .prm import StepDecoder, StepOutputs, load_step_scorer
-from .server import RewardService, ScalarOutputs, resolve_access_token, start_triton
+from .server import RewardService, ScalarOutputs, resolve_access_token, resolve_inference_token, start_triton
 
 log = logging.getLogger("reward_server")
 
@@ -37,6 +38,7 @@ def serve(cfg: ServeConfig) -> int:
         raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
     prm = cfg.reward.kind == "prm"
     topo = d.init_distributed(cfg.parallel)
+    inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
     if prm:
         scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching.max_tokens_per_forward,
                                                            topo)
@@ -44,6 +46,8 @@ def serve(cfg: ServeConfig) -> int:
         scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
         if cfg.batching.warmup:
             warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
+    if faults.enabled(cfg.fault_injection):
+        scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
     engine = Engine(scorer, topo)
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
@@ -63,9 +67,14 @@ def serve(cfg: ServeConfig) -> int:
     else:
         decoder, outputs = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), ScalarOutputs(scorer.width)
     service = RewardService(leader, decoder, outputs)
-    triton = start_triton(cfg, service, resolve_access_token(cfg))
+    with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
+        triton = start_triton(cfg, service, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
+    draining = threading.Event()
 
     def drain(signum, _frame):
+        if draining.is_set():
+            return
+        draining.set()
         log.info("signal %d: draining and shutting down", signum)
         def stop():
             triton.stop()  # waits for requests already in flight; the leader is still serving them

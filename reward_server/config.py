@@ -92,13 +92,24 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    # Token for Triton's protected endpoints (model-repository, statistics, ...). Read from this environment
-    # variable, else from access_token_file, else generated and written to access_token_file if that is set.
+    # Token for Triton's protected endpoints (model-repository, statistics, trace, logging, shared-memory). Read
+    # from this environment variable, else from access_token_file, else generated and written to access_token_file
+    # if that is set. Clients send it in the `triton-access-token` header. Never logged.
     access_token_env: str = "REWARD_SERVER_ACCESS_TOKEN"
     access_token_file: Optional[str] = None
+    # Optional token for inference (Triton's `inference` API category, HTTP and gRPC), same header. Read from
+    # this environment variable, else from inference_token_file; both null: inference is open to anyone who can
+    # reach the port. When either is set but yields no token the server refuses to start.
+    inference_token_env: Optional[str] = None
+    inference_token_file: Optional[str] = None
+    # SIGTERM: how long requests already accepted may take to finish before Triton gives up on them (Triton's
+    # exit timeout). Keep it under torchrun's 30 s between SIGTERM and SIGKILL.
+    drain_timeout_s: int = 20
+    # At start-up (e.g. a torchrun restart) wait this long for a previous server to release the ports.
+    port_wait_s: float = 60.0
+    # Tries to start Triton before the rank gives up (PyTriton's start-up handshake can fail under CPU load).
+    start_attempts: int = 3
     log_verbose: int = 0
-    # Tries to start Triton (PyTriton 0.7 can fail a multi-instance model load under CPU load; see server.py).
-    startup_attempts: int = 3
 
 
 @dataclass
@@ -133,12 +144,27 @@ class RewardConfig:
 
 
 @dataclass
+class FaultInjectionConfig:
+    """TEST ONLY (reward_server/faults.py): make failures happen on purpose. All off by default."""
+
+    # While this file exists, rank `oom_rank` raises torch.OutOfMemoryError in its next forward (and removes it).
+    oom_file: Optional[str] = None
+    oom_rank: int = 1
+    # Every rank raises ValueError while scoring a batch containing this token id: a bad request that slipped
+    # past the checks.
+    poison_token_id: Optional[int] = None
+    # Every forward sleeps this long first, so that requests are in flight when a test sends SIGTERM.
+    forward_delay_s: float = 0.0
+
+
+@dataclass
 class ServeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    fault_injection: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
 
 def register_schema() -> None:

@@ -7,9 +7,11 @@ Every batch crosses in three steps, all ranks in lock-step:
 Rank 0 checks every request before step 1, so a malformed request never reaches the subscribers.
 """
 
+import contextlib
 import datetime
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import List, Optional, Tuple
@@ -64,10 +66,17 @@ def init_distributed(cfg: ParallelConfig) -> Topology:
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if "RANK" in os.environ:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            kwargs.update(store=attempt_store(timeout), rank=int(os.environ["RANK"]),
+                          world_size=int(os.environ["WORLD_SIZE"]))
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     else:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt and dist.get_rank() == 0:
+        log.warning("restarted by torchrun: restart %d of at most %s", attempt,
+                    os.environ.get("TORCHELASTIC_MAX_RESTARTS"))
     tp = cfg.tensor_parallel_size
     if tp < 1 or world % tp:
         raise ValueError(f"parallel.tensor_parallel_size={tp} must divide the world size {world}")
@@ -78,9 +87,38 @@ def init_distributed(cfg: ParallelConfig) -> Topology:
     return Topology(rank=dist.get_rank(), world_size=world, tp_size=tp, dp_size=world // tp, device=device)
 
 
+def attempt_store(timeout: datetime.timedelta):
+    """torchrun's key-value store, in a namespace of this restart attempt. torchrun (2.13) keeps one store for
+    all attempts of a run, so after a restart (--max-restarts) a rank could read the addresses the dead ranks
+    published and fail to connect; its own env:// store no longer adds a per-attempt prefix."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/reward_server/attempt_{attempt}", store)
+
+
 def send_header(command: Command, n_seqs: int = 0, n_tokens: int = 0) -> None:
     header = torch.tensor([int(command), n_seqs, n_tokens], dtype=torch.int64)
     dist.broadcast(header, src=0, group=_control_group)
+
+
+@contextlib.contextmanager
+def heartbeats(period_s: float):
+    """Rank 0: send heartbeats from a thread while the main thread is busy on its own (starting Triton), so that
+    the subscribers, already waiting for their first header, do not time out."""
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(period_s):
+            send_header(Command.HEARTBEAT)
+
+    thread = threading.Thread(target=beat, name="startup-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def recv_header() -> Tuple[Command, int, int]:

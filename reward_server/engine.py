@@ -20,11 +20,19 @@ log = logging.getLogger(__name__)
 
 
 class ForwardError(RuntimeError):
-    """The forward failed on some rank for this batch; the group is still healthy."""
+    """The forward failed alike for this batch (e.g. a request that slipped past the checks); the group is healthy."""
+
+
+class RankFault(RuntimeError):
+    """A rank cannot go on (out of memory): every rank exits non-zero so that torchrun restarts the group."""
 
 
 class ShuttingDown(RuntimeError):
     """The server is draining and takes no new work."""
+
+
+# Errors after which a rank's state cannot be trusted; anything else counts as a bad batch.
+FATAL_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 
 def shard_for_replicas(lengths: List[int], n_replicas: int) -> List[List[int]]:
@@ -47,19 +55,31 @@ class Engine:
         self.topo = topo
 
     def forward(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        """Returns [n + 1, width] on rank 0: rewards, then a row whose first value counts failed ranks."""
+        """Returns [n + 2, width] on rank 0: rewards, then two rows whose first values count the ranks whose
+        forward failed (bad batch) and the ranks that hit a fatal error (RankFault)."""
         n = len(seqs)
-        out = torch.zeros(n + 1, self.scorer.output_width(seqs), dtype=torch.float32, device=self.topo.device)
+        out = torch.zeros(n + 2, self.scorer.output_width(seqs), dtype=torch.float32, device=self.topo.device)
         mine = shard_for_replicas([len(s) for s in seqs], self.topo.dp_size)[self.topo.dp_rank]
+        fault = None
         try:
             if mine:
                 values = self.scorer([seqs[i] for i in mine])
                 if self.topo.tp_rank == 0:  # a share may need fewer columns than the batch (steps per row)
                     out[torch.tensor(mine, device=out.device), : values.shape[1]] = values
+        except FATAL_ERRORS as exc:
+            log.exception("rank %d: fatal error in the forward; the group will exit so that torchrun restarts it",
+                          self.topo.rank)
+            if self.topo.tp_size > 1:  # the other ranks may wait inside the forward's own collectives: leave now
+                raise RankFault(f"rank {self.topo.rank}: {exc}") from exc
+            fault = exc
+            out[n + 1, 0] = 1.0
         except Exception:
             log.exception("rank %d: forward failed", self.topo.rank)
             out[n, 0] = 1.0
-        return d.reduce_to_leader(out)
+        out = d.reduce_to_leader(out)
+        if fault is not None:  # rank 0 now knows; leave the group
+            raise RankFault(f"rank {self.topo.rank}: {fault}") from fault
+        return out
 
 
 _STOP = object()
@@ -73,20 +93,24 @@ class Leader:
         self.heartbeat_s = heartbeat_s
         self._queue: "queue.Queue" = queue.Queue()
         self._closed = threading.Event()
+        self._lock = threading.Lock()  # no submit slips in between closing and failing what is queued
         self.failed: Optional[BaseException] = None
 
     def submit(self, seqs: List[torch.Tensor]) -> Future:
         fut: Future = Future()
-        if self._closed.is_set():
-            fut.set_exception(ShuttingDown("the reward server is shutting down"))
-        else:
-            self._queue.put((seqs, fut))
+        with self._lock:
+            if self._closed.is_set():
+                fut.set_exception(ShuttingDown("the reward server is shutting down"))
+            else:
+                self._queue.put((seqs, fut))
         return fut
 
     def close(self) -> None:
         """Take no new work; `run` returns after the work already queued."""
-        self._closed.set()
-        self._queue.put(_STOP)
+        with self._lock:
+            if not self._closed.is_set():
+                self._closed.set()
+                self._queue.put(_STOP)
 
     def run(self) -> None:
         try:
@@ -102,10 +126,11 @@ class Leader:
                 if fut.set_running_or_notify_cancel():
                     self._forward(seqs, fut)
             d.send_header(Command.SHUTDOWN)
-        except BaseException as exc:  # a collective failed: the group is broken, fail everything
+        except BaseException as exc:  # a collective failed or a rank faulted: the group is broken, fail everything
             self.failed = exc
-            self._closed.set()
-            self._fail_pending(exc)
+            with self._lock:
+                self._closed.set()
+                self._fail_pending(exc)
             raise
 
     def _forward(self, seqs: List[torch.Tensor], fut: Future) -> None:
@@ -117,10 +142,15 @@ class Leader:
         except BaseException as exc:
             fut.set_exception(RuntimeError(f"reward ranks failed: {exc}"))
             raise
-        if out[-1, 0] > 0:
-            fut.set_exception(ForwardError(f"the forward failed on {int(out[-1, 0])} rank(s); see the server log"))
+        failed, faulted = int(out[-2, 0]), int(out[-1, 0])
+        if faulted:
+            exc = RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
+            fut.set_exception(exc)
+            raise exc
+        if failed:
+            fut.set_exception(ForwardError(f"the forward failed on {failed} rank(s); see the server log"))
         else:
-            fut.set_result(out[:-1].numpy())
+            fut.set_result(out[:-2].numpy())
 
     def _fail_pending(self, exc: BaseException) -> None:
         while True:

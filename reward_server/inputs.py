@@ -121,6 +121,8 @@ class RequestDecoder:
         if "sentences" in request:
             if "tokens" in request:
                 raise InputError("send either sentences or tokens, not both")
+            if "sequence_lengths" in request:
+                raise InputError("sequence_lengths without tokens: send sentences alone, or tokens with lengths")
             return self.texts(self._strings(self._column(request, "sentences")))
         if "tokens" not in request:
             raise InputError("send sentences, or tokens with sequence_lengths")

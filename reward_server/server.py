@@ -8,23 +8,31 @@ Both answer `rewards` FP32 [batch, num_labels] and `error` BYTES [batch, 1] ("" 
 with reward.kind=prm, `rewards` [batch, 1] plus `step_rewards` and `num_steps` (prm.StepOutputs, docs/prm.md).
 A request that fails its checks gets NaN rewards and its message in `error`, and the other requests of the
 same dynamic batch are scored as usual; when every request of a batch is bad the whole call fails with the
-message (HTTP 400/500 with the text).
+message (HTTP 500; PyTriton can only fail a whole batch). A forward that fails alike on every rank (a request
+that slipped past the checks) is retried one request at a time, so only the bad request fails.
 """
 
 import logging
 import os
 import secrets
+import socket
 import sysconfig
-from typing import Callable, List
+import time
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
 
 from .config import ServeConfig
-from .engine import Leader
+from .engine import ForwardError, Leader
 from .inputs import InputError, RequestDecoder
 
 log = logging.getLogger(__name__)
+
+# Triton API categories only the operator may use (PyTriton's default protected set); clients send the token
+# in this header (gRPC: metadata `triton-grpc-protocol-triton-access-token`).
+PROTECTED_APIS = ("shared-memory", "model-repository", "statistics", "trace", "logging")
+ACCESS_HEADER = "triton-access-token"
 
 
 def ensure_python_library_path() -> None:
@@ -36,22 +44,61 @@ def ensure_python_library_path() -> None:
         os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
+def read_token(env_name: Optional[str], path: Optional[str]) -> str:
+    """A token from the environment variable `env_name`, else from the file at `path`; "" when neither has one."""
+    token = os.environ.get(env_name, "") if env_name else ""
+    if not token and path and os.path.isfile(os.path.expanduser(path)):
+        with open(os.path.expanduser(path)) as f:
+            token = f.read().strip()
+    return token
+
+
 def resolve_access_token(cfg: ServeConfig) -> str:
     """Token for Triton's protected endpoints: environment variable, else file, else a new random one (written
     to the file when one is configured, so operators and perf_analyzer can read it)."""
     server = cfg.server
-    token = os.environ.get(server.access_token_env, "")
-    path = os.path.expanduser(server.access_token_file) if server.access_token_file else None
-    if not token and path and os.path.isfile(path):
-        with open(path) as f:
-            token = f.read().strip()
-    if not token:
-        token = secrets.token_urlsafe(32)
-        if path:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
+    token = read_token(server.access_token_env, server.access_token_file)
+    if token:
+        log.info("access token for the protected endpoints read from $%s or %s", server.access_token_env,
+                 server.access_token_file)
+        return token
+    token = secrets.token_urlsafe(32)
+    if server.access_token_file:
+        fd = os.open(os.path.expanduser(server.access_token_file), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token)
+        log.info("generated an access token for the protected endpoints; written to %s", server.access_token_file)
     return token
+
+
+def resolve_inference_token(cfg: ServeConfig) -> Optional[str]:
+    """Token required for inference, or None when inference is open (neither setting given)."""
+    server = cfg.server
+    if not (server.inference_token_env or server.inference_token_file):
+        return None
+    token = read_token(server.inference_token_env, server.inference_token_file)
+    if not token:
+        raise ValueError(f"inference protection is configured but no token was found: set the environment variable "
+                         f"{server.inference_token_env!r} or write the token to {server.inference_token_file!r}")
+    log.info("inference requires a token (header %s)", ACCESS_HEADER)
+    return token
+
+
+def wait_for_ports(host: str, ports: List[int], timeout_s: float) -> None:
+    """After a restart the previous server may hold our ports for a moment; wait for them rather than fail."""
+    deadline = time.monotonic() + timeout_s
+    for port in ports:
+        while True:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                    break
+                except OSError as exc:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{host}:{port} still in use after {timeout_s} s: {exc}") from None
+            log.info("waiting for %s:%d to be released", host, port)
+            time.sleep(1.0)
 
 
 class ScalarOutputs:
@@ -73,7 +120,7 @@ class RewardService:
     def __init__(self, leader: Leader, decoder: RequestDecoder, outputs):
         self.leader = leader
         self.decoder = decoder
-        self.outputs = outputs  # ScalarOutputs or prm.StepOutputs: the tensors answered besides `error`
+        self.outputs = outputs  # ScalarOutputs or prm.StepOutputs
 
     def infer_native(self, requests) -> List[dict]:
         return self._infer(requests, self.decoder.native)
@@ -82,65 +129,91 @@ class RewardService:
         return self._infer(requests, self.decoder.nemo)
 
     def _infer(self, requests, decode: Callable) -> List[dict]:
-        decoded = []
-        for request in requests:
-            try:
-                decoded.append(decode(request))
-            except InputError as exc:
-                decoded.append(exc)
-        errors = [d for d in decoded if isinstance(d, InputError)]
-        if len(errors) == len(decoded):
-            raise InputError("; ".join(str(e) for e in errors))
-        seqs = [torch.from_numpy(ids) for d in decoded if not isinstance(d, InputError) for ids in d]
-        rewards = self.leader.submit(seqs).result()
-        responses, at = [], 0
-        for d in decoded:
-            if isinstance(d, InputError):
-                n = _batch_size(requests[len(responses)])
-                responses.append({**self.outputs.failed(n), "error": np.full((n, 1), str(d).encode(), dtype=object)})
+        decoded = [self._decode(decode, request) for request in requests]
+        good = [d for d in decoded if not isinstance(d, InputError)]
+        scored = iter(self._score(good) if good else [])
+        results = [d if isinstance(d, InputError) else next(scored) for d in decoded]
+        if all(isinstance(r, Exception) for r in results):  # nothing to answer: fail the call with the reasons
+            raise InputError("; ".join(str(r) for r in results))
+        responses = []
+        for request, seqs, r in zip(requests, decoded, results):
+            if isinstance(r, Exception):
+                n = _batch_size(request)
+                responses.append({**self.outputs.failed(n), "error": np.full((n, 1), str(r).encode(), dtype=object)})
             else:
-                responses.append({**self.outputs.scored(rewards[at:at + len(d)], d),
-                                  "error": np.full((len(d), 1), b"", dtype=object)})
-                at += len(d)
+                responses.append({**self.outputs.scored(r, seqs), "error": np.full((len(r), 1), b"", dtype=object)})
         return responses
+
+    def _decode(self, decode: Callable, request):
+        try:
+            return decode(request)
+        except InputError as exc:
+            return exc
+        except Exception as exc:  # a check we did not foresee: still this request's error, not the batch's
+            log.exception("decoding a request failed")
+            return InputError(f"bad request: {type(exc).__name__}: {exc}")
+
+    def _score(self, good: List[List[np.ndarray]]) -> list:
+        """Rewards for each request's sequences, one array per request. When the forward fails alike on the
+        ranks (a request that slipped past the checks), score the requests one at a time so that only the
+        bad one fails."""
+        seqs = [torch.from_numpy(ids) for d in good for ids in d]
+        try:
+            rewards = self.leader.submit(seqs).result()
+        except ForwardError as exc:
+            if len(good) == 1:
+                return [exc]
+            log.warning("a batch of %d requests failed (%s); scoring them one at a time", len(good), exc)
+            return [self._score([d])[0] for d in good]
+        results, at = [], 0
+        for d in good:
+            results.append(rewards[at:at + len(d)])
+            at += len(d)
+        return results
 
 
 def _batch_size(request) -> int:
-    return max((np.asarray(v).shape[0] for v in request.values()), default=1)
+    return max((np.asarray(v).shape[0] for v in request.values() if np.ndim(v) > 0), default=1)
 
 
-def start_triton(cfg: ServeConfig, service: RewardService, access_token: str):
-    """Start Triton with our models bound. PyTriton 0.7 has a start-up race with several model instances (the
-    second instance may connect to the first one's handshake socket between bind and listen, and the model
-    fails to load with "Connection refused"); a failed start is retried a few times."""
-    for attempt in range(1, cfg.server.startup_attempts + 1):
-        triton = _bind_models(cfg, service, access_token)
+def restrictions(access_token: str, inference_token: Optional[str]) -> List[str]:
+    """Triton's --http-restricted-api / --grpc-restricted-protocol values: one `<apis>:<header>=<token>` group
+    for the operator's endpoints, and one for inference when it is protected."""
+    groups = [f"{','.join(PROTECTED_APIS)}:{ACCESS_HEADER}={access_token}"]
+    if inference_token:
+        groups.append(f"inference:{ACCESS_HEADER}={inference_token}")
+    return groups
+
+
+def start_triton(cfg: ServeConfig, service: RewardService, access_token: str, inference_token: Optional[str] = None):
+    """Start Triton with our models. PyTriton's Python backend stub sometimes fails its start-up handshake when
+    the CPU is busy (it connects to its own socket before that listens): try again rather than fail the rank."""
+    for attempt in range(1, cfg.server.start_attempts + 1):
         try:
-            triton.run()
-            break
-        except Exception as exc:
-            triton.stop()
-            if attempt == cfg.server.startup_attempts:
+            return _start_triton(cfg, service, access_token, inference_token)
+        except Exception:
+            if attempt == cfg.server.start_attempts:
                 raise
-            log.warning("Triton failed to start (attempt %d): %s; retrying", attempt, str(exc).splitlines()[0])
-    s = cfg.server
-    log.info("serving models %s on http://%s:%d (grpc %d, metrics %d)",
-             [m for m in (s.model_name, s.nemo_model_name) if m], s.host, s.http_port, s.grpc_port, s.metrics_port)
-    return triton
+            log.warning("Triton did not start (attempt %d of %d); trying again", attempt, cfg.server.start_attempts,
+                        exc_info=True)
 
 
-def _bind_models(cfg: ServeConfig, service: RewardService, access_token: str):
+def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, inference_token: Optional[str]):
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     ensure_python_library_path()
     s, b = cfg.server, cfg.batching
+    wait_for_ports(s.host, [s.http_port, s.grpc_port, s.metrics_port], s.port_wait_s)
+    restricted = restrictions(access_token, inference_token)
     triton = Triton(
         config=TritonConfig(
             http_address=s.host, http_port=s.http_port, grpc_address=s.host, grpc_port=s.grpc_port,
             metrics_address=s.host, metrics_port=s.metrics_port, log_verbose=s.log_verbose,
+            exit_timeout_secs=s.drain_timeout_s, http_restricted_api=restricted, grpc_restricted_protocol=restricted,
         ),
-        security_config=TritonSecurityConfig(access_token=access_token),
+        # We pass the restrictions ourselves (PyTriton's own take one group only); its client calls use the token.
+        security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=[]),
     )
     model_config = ModelConfig(
         max_batch_size=b.max_batch_size,
@@ -172,4 +245,11 @@ def _bind_models(cfg: ServeConfig, service: RewardService, access_token: str):
             config=model_config,
             strict=True,
         )
+    try:
+        triton.run()
+    except BaseException:
+        triton.stop()
+        raise
+    log.info("serving models %s on http://%s:%d (grpc %d, metrics %d)",
+             [m for m in (s.model_name, s.nemo_model_name) if m], s.host, s.http_port, s.grpc_port, s.metrics_port)
     return triton

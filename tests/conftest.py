@@ -2,6 +2,7 @@
 torchrun (gloo, CPU) on free ports."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,9 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range: a port the kernel hands out for outgoing connections (gloo,
+    clients) may be taken again before the server binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_start = int(f.read().split()[0])
+    while True:
+        port = random.randrange(20000, min(ephemeral_start, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 
 def build_tokenizer(vocab_size: int = 512):
@@ -64,12 +74,12 @@ def reference_rewards(path, seqs):
 class Server:
     """A real `torchrun --nproc_per_node N serve_reward_model.py ...` process group."""
 
-    def __init__(self, nproc: int, overrides, log_path: Path, env=None):
+    def __init__(self, nproc: int, overrides, log_path: Path, env=None, launcher_args=()):
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(REPO / "serve_reward_model.py"),
+               f"--master_port={free_port()}", *launcher_args, str(REPO / "serve_reward_model.py"),
                f"server.http_port={self.http_port}", f"server.grpc_port={self.grpc_port}",
                f"server.metrics_port={self.metrics_port}", *overrides]
         self._log = open(log_path, "w")

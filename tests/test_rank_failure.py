@@ -1,0 +1,127 @@
+"""A rank that dies or runs out of memory never hangs the server: the requests in flight get an error, the whole
+process group exits within 60 s, and torchrun (--max-restarts) starts it again; once the restarts are spent
+torchrun exits non-zero. A rank that hangs instead is caught by the collective timeout (parallel.timeout_s).
+
+One torchrun for the module (2 data-parallel ranks, --max-restarts=3); the tests run in order and each leaves it
+restarting. Every forward sleeps 1 s (fault_injection.forward_delay_s) so that requests are surely in flight.
+"""
+
+import contextlib
+import glob
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from conftest import reference_rewards
+from procs import descendants, name, rank_pids, running_server, wait_gone
+
+pytestmark = pytest.mark.timeout(900)
+
+RESTARTS = 3
+SEQS = [np.arange(4, 4 + n) % 500 + 4 for n in (3, 17, 9, 30, 5, 12)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, llama_ckpt):
+    tmp = tmp_path_factory.mktemp("rank_failure")
+    overrides = [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=1", "parallel.timeout_s=10",
+                 "fault_injection.forward_delay_s=1",
+                 f"fault_injection.oom_file={tmp / 'oom'}", "fault_injection.oom_rank=1"]
+    with running_server(tmp, overrides, launcher_args=[f"--max-restarts={RESTARTS}"]) as srv:
+        srv.oom_file = tmp / "oom"
+        srv.expected = reference_rewards(llama_ckpt, SEQS)
+        yield srv
+
+
+def score(url, seq):
+    """The reward, or the exception the client got."""
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+    try:
+        data = np.array([[" ".join(map(str, seq)).encode()]], dtype=object)
+        tensor = httpclient.InferInput("token_ids", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(data)
+        result = client.infer("reward", [tensor])
+        assert result.as_numpy("error")[0, 0] == b""
+        return result.as_numpy("rewards")[0]
+    except Exception as exc:
+        return exc
+    finally:
+        client.close()
+
+
+def fail_while_busy(srv, fail, exit_within=60.0):
+    """Send requests, call fail(ranks) while they are in flight; check that the requests are answered (rewards
+    right, or an error) and that the old ranks and tritonserver are gone within `exit_within` seconds of the
+    failure. Returns the errors and the old ranks."""
+    srv.wait_ready(("reward", "reward_model"))
+    ranks = rank_pids(srv.proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    tritons = [p for p in descendants(ranks[0]) if name(p) == "tritonserver"]
+    assert len(tritons) == 1
+    np.testing.assert_allclose(score(srv.url, SEQS[0]), srv.expected[0], atol=1e-4, rtol=0)
+    with ThreadPoolExecutor(len(SEQS)) as pool:
+        futures = [pool.submit(score, srv.url, s) for s in SEQS]
+        time.sleep(0.5)  # the first batch is inside its 1 s forward
+        start = time.monotonic()
+        fail(ranks)
+        results = [f.result(timeout=60) for f in futures]
+    answered = time.monotonic() - start
+    gone = answered + wait_gone(list(ranks.values()) + tritons, timeout=exit_within - answered)
+    print(f"requests answered {answered:.1f} s, ranks and tritonserver gone {gone:.1f} s after the failure")
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors, "nothing was in flight"
+    for r, expected in zip(results, srv.expected):
+        if not isinstance(r, Exception):
+            np.testing.assert_allclose(r, expected, atol=1e-4, rtol=0)
+    assert answered < 30
+    return errors, ranks
+
+
+def restarted_and_serving(srv, restarts_done):
+    srv.wait_ready(("reward", "reward_model"))
+    assert f"restarted by torchrun: restart {restarts_done} of at most {RESTARTS}" in srv.log()
+    np.testing.assert_allclose(score(srv.url, SEQS[1]), srv.expected[1], atol=1e-4, rtol=0)
+
+
+def test_subscriber_killed(server):
+    fail_while_busy(server, lambda ranks: os.kill(ranks[1], signal.SIGKILL))
+    restarted_and_serving(server, 1)
+
+
+def test_rank0_killed_takes_tritonserver_with_it(server):
+    _, ranks = fail_while_busy(server, lambda ranks: os.kill(ranks[0], signal.SIGKILL))
+    assert not glob.glob(f"/dev/shm/pytrtion{ranks[0]}-*")  # the reaper removed its shared memory
+    restarted_and_serving(server, 2)
+
+
+def test_out_of_memory_on_one_rank(server):
+    errors, _ = fail_while_busy(server, lambda ranks: server.oom_file.touch())
+    assert any("fatal error (out of memory?)" in str(e) for e in errors), errors
+    assert "injected by fault_injection.oom_file on rank 1" in server.log()
+    restarted_and_serving(server, 3)
+
+
+def test_stuck_rank_times_out_and_torchrun_exits_nonzero_when_restarts_are_spent(server):
+    """A rank that hangs (SIGSTOP) instead of dying: rank 0's collective times out after parallel.timeout_s (10 s
+    here), the requests get an error, rank 0 exits and torchrun SIGKILLs the stuck rank after its 30 s grace:
+    gone within timeout_s + 30 s + rank 0's exit. This fourth failure ends torchrun."""
+    stopped, at = [], []
+
+    def stop(ranks):
+        stopped.append(ranks[1])
+        at.append(time.monotonic())
+        os.kill(ranks[1], signal.SIGSTOP)
+
+    try:
+        fail_while_busy(server, stop, exit_within=75)
+        assert server.proc.wait(timeout=60) != 0
+    finally:
+        for pid in stopped:  # never leave a stopped process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    print(f"torchrun exited {server.proc.returncode} {time.monotonic() - at[0]:.1f} s after the failure")
