@@ -2,6 +2,7 @@
 # One GPU session's measurements: 8B-shaped random model, in-process baselines, our server and the naive server
 # under perf_analyzer. Run from the repository root on a GPU box (after the box's own set-up); results go to $OUT.
 #   OUT=/tmp/results bash benchmarks/gpu_suite.sh [server overrides...]
+#   NPROC=2 bash benchmarks/gpu_suite.sh parallel.tensor_parallel_size=2    # TP=2 (tensor_parallel_size=1: DP=2)
 set -uo pipefail
 OUT=${OUT:-/tmp/results}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-bench-token}
@@ -27,7 +28,7 @@ if [[ $STAGES == *inprocess* ]]; then
 fi
 
 if [[ $STAGES == *server* ]]; then
-  torchrun --nproc_per_node 1 serve_reward_model.py model.path="$MODEL" "$@" > "$OUT/server.log" 2>&1 &
+  torchrun --nproc_per_node ${NPROC:-1} serve_reward_model.py model.path="$MODEL" "$@" > "$OUT/server.log" 2>&1 &
   wait_ready localhost:8000 || { tail -50 "$OUT/server.log"; exit 1; }
   [ -n "${SKIP_CHECK:-}" ] || python3 benchmarks/check_server.py --model "$MODEL" --n 64 | tee "$OUT/check.json"
   python3 benchmarks/perf.py --input /tmp/fixed512.json --concurrency 64 --label "ours fixed-512" | tee "$OUT/perf_fixed512.md"
