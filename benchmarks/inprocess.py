@@ -15,10 +15,8 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from reward_server.model import PackedSequenceScorer, SequenceScorer
+from reward_server.model import SCORERS
 from workload import sequences
-
-SCORERS = {"packed": PackedSequenceScorer, "padded": SequenceScorer}
 
 
 def sync():

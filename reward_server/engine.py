@@ -130,7 +130,7 @@ class Leader:
             self.failed = exc
             with self._lock:
                 self._closed.set()
-                self._fail_pending(exc)
+                self._fail_pending(RuntimeError(f"reward ranks failed: {exc}"))
             raise
 
     def _forward(self, seqs: List[torch.Tensor], fut: Future) -> None:
@@ -152,6 +152,12 @@ class Leader:
         else:
             fut.set_result(out[:-2].numpy())
 
+    def reject_queued(self, exc: BaseException) -> None:
+        """Fail the batches waiting in the queue, e.g. ones that reached a Triton which is being restarted
+        after a failed start, before `run` began: their callers get `exc` instead of waiting forever."""
+        with self._lock:
+            self._fail_pending(exc)
+
     def _fail_pending(self, exc: BaseException) -> None:
         while True:
             try:
@@ -159,7 +165,7 @@ class Leader:
             except queue.Empty:
                 return
             if item is not _STOP:
-                item[1].set_exception(RuntimeError(f"reward ranks failed: {exc}"))
+                item[1].set_exception(exc)
 
 
 def run_subscriber(engine: Engine) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .config import ServeConfig
-from .engine import ForwardError, Leader
+from .engine import ForwardError, Leader, ShuttingDown
 from .inputs import InputError, RequestDecoder
 
 log = logging.getLogger(__name__)
@@ -248,6 +248,8 @@ def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, i
     try:
         triton.run()
     except BaseException:
+        # a model that loaded first may already have taken requests; answer them before stopping this Triton
+        service.leader.reject_queued(ShuttingDown("the reward server is restarting its endpoint; retry"))
         triton.stop()
         raise
     log.info("serving models %s on http://%s:%d (grpc %d, metrics %d)",

@@ -90,7 +90,9 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, models=("reward",), timeout=180.0):
+    def wait_ready(self, models=("reward", "reward_model"), timeout=180.0):
+        """Ready when every model is: PyTriton loads them one by one and restarts Triton when a later one fails
+        to load, so the first model's readiness alone is not the server's."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -117,6 +119,13 @@ class Server:
         self._log.close()
         return self.proc.returncode
 
+    def stop(self, timeout=30.0):
+        """Teardown: SIGTERM, and SIGKILL to the whole group if that does not end it in `timeout` s."""
+        try:
+            self.terminate(timeout=timeout)
+        except Exception:
+            self.kill()
+
     def kill(self):
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -128,7 +137,7 @@ class Server:
 def start_server(tmp_path):
     servers = []
 
-    def start(nproc=2, overrides=(), models=("reward",), env=None):
+    def start(nproc=2, overrides=(), models=("reward", "reward_model"), env=None):
         srv = Server(nproc, list(overrides) + [f"model.cache_dir={tmp_path / 'cache'}"],
                      tmp_path / f"server{len(servers)}.log", env=env)
         servers.append(srv)
@@ -136,10 +145,7 @@ def start_server(tmp_path):
 
     yield start
     for srv in servers:
-        try:
-            srv.terminate(timeout=30)
-        except Exception:
-            srv.kill()
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,7 @@ def running_server(log_dir: Path, overrides, nproc=2, models=("reward", "reward_
     try:
         yield srv.wait_ready(models)
     finally:
-        try:
-            srv.terminate(timeout=60)
-        except Exception:
-            srv.kill()
+        srv.stop(timeout=60)
 
 
 def children(pid: int) -> List[int]:

@@ -32,10 +32,7 @@ def server(llama_ckpt, tmp_path_factory):
     try:
         yield srv.wait_ready(models=("reward", "reward_model"))
     finally:
-        try:
-            srv.terminate(timeout=30)
-        except Exception:
-            srv.kill()
+        srv.stop()
 
 
 @pytest.fixture(scope="module")

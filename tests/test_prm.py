@@ -189,13 +189,6 @@ def start(tmp_path_factory, name, ckpt, tp, overrides=()):
         raise
 
 
-def stop(srv):
-    try:
-        srv.terminate(timeout=30)
-    except Exception:
-        srv.kill()
-
-
 # ---------------------------------------------------------------- math-shepherd: Mistral causal LM, TP=2
 
 def shepherd_texts(n, seed, glue=""):
@@ -215,7 +208,7 @@ def shepherd(tmp_path_factory):
     srv = start(tmp_path_factory, "math_shepherd", ckpt, tp=2,
                 overrides=["reward.max_steps=8", "batching.max_queue_delay_us=100000"])
     yield srv, ckpt, load_tokenizer(ckpt)
-    stop(srv)
+    srv.stop()
 
 
 def shepherd_reference(ckpt, tok, ids_list):
@@ -323,7 +316,7 @@ def test_qwen_prm_dp2_messages_and_text(tmp_path_factory):
             ids_bos = [tok(t)["input_ids"] for t in rows]
             check(out, ref_token_classification(ckpt, ids_bos, one_id(tok, "<extra_0>")), "product")
     finally:
-        stop(srv)
+        srv.stop()
 
 
 # ---------------------------------------------------------------- RLHFlow chat PRM: Llama causal LM, TP=2
@@ -350,7 +343,7 @@ def test_rlhflow_tp2_matches_one_forward_per_prefix(tmp_path_factory):
         expected = split(ref_rlhflow(ckpt, tok, [c for r in requests for c in r]), [len(r) for r in requests])
         check_many(infer_many(srv.url, "messages", [[json.dumps(c) for c in r] for r in requests]), expected, "last")
     finally:
-        stop(srv)
+        srv.stop()
 
 
 # ---------------------------------------------------------------- step tags without a server
