@@ -33,7 +33,8 @@ if [[ $STAGES == *server* ]]; then
   [ -n "${SKIP_CHECK:-}" ] || python3 benchmarks/check_server.py --model "$MODEL" --n 64 | tee "$OUT/check.json"
   python3 benchmarks/perf.py --input /tmp/fixed512.json --concurrency 64 --label "ours fixed-512" | tee "$OUT/perf_fixed512.md"
   python3 benchmarks/perf.py --input /tmp/rlhf.json --concurrency ${CONCURRENCY:-1 8 64} --label "ours rlhf" | tee "$OUT/perf_rlhf.md"
-  pkill -TERM -f serve_reward_model.py; sleep 5
+  pkill -TERM -f serve_reward_model.py; sleep 8
+  grep -E "warm-up|compile|engine:" "$OUT/server.log" | tee "$OUT/engine_stats.txt"
 fi
 
 if [[ $STAGES == *naive* ]]; then

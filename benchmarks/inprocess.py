@@ -1,8 +1,11 @@
 """In-process baselines: what a user gets with no server at all, on the same model and tokens.
 
   dense    forward of [B, L] real tokens (no padding): the GPU's best case at that length
-  workload the RLHF workload (benchmarks/workload.py) scored by each layout and attention kernel, in chunks of
-           --chunk sequences (what one dynamic batch of the server holds)
+  workload the RLHF workload (benchmarks/workload.py) scored by each layout and attention kernel, either in
+           chunks of --chunk sequences (one scorer call per dynamic batch) or, with --schedule leader, in the
+           forwards the server's leader would cut from the whole workload (engine.plan_forward: each forward
+           filled to the token budget): the same forwards as the server at full load, with no server
+--compile both repeats everything after torch.compile of the decoder layers (model.compile in the server).
 It also checks that each scorer's rewards equal a plain per-sequence transformers forward.
 
     python benchmarks/inprocess.py --model /tmp/rm8b --n 512 --chunk 64
@@ -15,7 +18,10 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from reward_server.model import SCORERS
+from collections import deque
+
+from reward_server.engine import Work, plan_forward
+from reward_server.model import SCORERS, compile_layers
 from workload import sequences
 
 
@@ -46,6 +52,9 @@ def main():
     p.add_argument("--dense", nargs="+", default=["32x512", "8x2048"], help="BxL shapes for the dense baseline")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     p.add_argument("--repeat", type=int, default=1, help="timed passes over the workload after the warm-up pass")
+    p.add_argument("--schedule", nargs="+", default=["chunk"], choices=["chunk", "leader"])
+    p.add_argument("--compile", default="off", choices=["off", "on", "both"],
+                   help="torch.compile the decoder layers: off, on, or both (uncompiled first)")
     p.add_argument("--json", default="")
     a = p.parse_args()
 
@@ -65,33 +74,50 @@ def main():
         print(json.dumps(row), flush=True)
 
     vocab = cfg.vocab_size
-    with torch.inference_mode():
-        for shape in a.dense:
-            b, length = map(int, shape.split("x"))
-            ids = torch.randint(3, vocab, (b, length), device=device)
-            seconds = timed(lambda: model.base_model(input_ids=ids, use_cache=False), repeat=3)
-            report(f"dense {shape}", b * length, seconds)
-
     seqs = [torch.as_tensor(s, device=device) for s in sequences(a.n, vocab)]
     n_tokens = sum(len(s) for s in seqs)
-    chunks = [seqs[i:i + a.chunk] for i in range(0, len(seqs), a.chunk)]
     with torch.inference_mode():
         plain = torch.stack([model(input_ids=s[None]).logits[0].float() for s in seqs[:16]])
-    for attn in a.attn:
-        model.set_attn_implementation(attn)
-        for layout in a.layouts:
-            for budget, row in [(b, r) for b in a.budget for r in (a.row_tokens if layout == "packed" else [0])]:
-                extra = {"row_tokens": row} if layout == "packed" else {}
-                scorer = SCORERS[layout](model, cfg.pad_token_id, budget, device, **extra)
-                name = f"{layout} {attn} budget {budget}" + (f" row {row}" if row else "")
-                try:
-                    seconds = timed(lambda: [scorer(c) for c in chunks], repeat=a.repeat)
-                    diff = (scorer(seqs[:16]) - plain).abs().max().item()
-                except Exception as exc:  # report and go on: one kernel failing must not hide the others
-                    print(json.dumps({"name": name, "error": repr(exc)[:300]}))
-                    continue
-                report(f"workload {name} chunk {a.chunk}", n_tokens, seconds,
-                       max_abs_diff_vs_plain=round(diff, 5))
+
+    def forwards(schedule, budget):
+        if schedule == "chunk":
+            return [seqs[i:i + a.chunk] for i in range(0, len(seqs), a.chunk)]
+        pending, out = deque([Work(seqs, None, False)]), []
+        while pending[0].untaken:
+            out.append([seqs[i] for _, i in plan_forward(pending, budget)])
+        return out
+
+    for compiled in {"off": [False], "on": [True], "both": [False, True]}[a.compile]:
+        tag = " compiled" if compiled else ""
+        if compiled:
+            compile_layers(model)
+        model.set_attn_implementation("sdpa")  # dense causal rows: sdpa's flash kernel
+        with torch.inference_mode():
+            for shape in a.dense:
+                b, length = map(int, shape.split("x"))
+                ids = torch.randint(3, vocab, (b, length), device=device)
+                seconds = timed(lambda: model.base_model(input_ids=ids, use_cache=False), repeat=3)
+                report(f"dense {shape}{tag}", b * length, seconds)
+        for attn in a.attn:
+            model.set_attn_implementation(attn)
+            for layout in a.layouts:
+                for budget, row in [(b, r) for b in a.budget for r in (a.row_tokens if layout == "packed" else [0])]:
+                    extra = {"row_tokens": row} if layout == "packed" else {}
+                    scorer = SCORERS[layout](model, cfg.pad_token_id, budget, device, **extra)
+                    for schedule in a.schedule:
+                        calls = forwards(schedule, budget)
+                        name = f"{layout} {attn} budget {budget}" + (f" row {row}" if row else "") + \
+                            (f" chunk {a.chunk}" if schedule == "chunk" else " leader") + tag
+                        try:
+                            start = time.perf_counter()
+                            seconds = timed(lambda: [scorer(c) for c in calls], repeat=a.repeat)
+                            first = time.perf_counter() - start - seconds * a.repeat
+                            diff = (scorer(seqs[:16]) - plain).abs().max().item()
+                        except Exception as exc:  # report and go on: one kernel failing must not hide the others
+                            print(json.dumps({"name": name, "error": repr(exc)[:300]}), flush=True)
+                            continue
+                        report(f"workload {name}", n_tokens, seconds, calls=len(calls),
+                               first_pass_s=round(first, 1), max_abs_diff_vs_plain=round(diff, 5))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

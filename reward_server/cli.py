@@ -4,6 +4,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import hydra
@@ -44,8 +45,11 @@ def serve(cfg: ServeConfig) -> int:
                                                            topo)
     else:
         scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
-        if cfg.batching.warmup:
-            warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
+    if cfg.batching.warmup:
+        start = time.monotonic()
+        warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
+        if topo.is_leader:
+            log.info("warm-up done in %.1f s", time.monotonic() - start)
     if faults.enabled(cfg.fault_injection):
         scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
     engine = Engine(scorer, topo)
@@ -60,7 +64,8 @@ def serve(cfg: ServeConfig) -> int:
 
     max_length = cfg.model.max_length or model_config.max_position_embeddings
     rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
-    leader = Leader(engine, cfg.parallel.heartbeat_s)
+    leader = Leader(engine, cfg.parallel.heartbeat_s, cfg.batching.max_tokens_per_forward * topo.dp_size,
+                    cfg.server.stats_log_s)
     if prm:
         decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, scorer.tag, cfg.reward.max_steps)
         outputs = StepOutputs(scorer.tag, cfg.reward.aggregate)

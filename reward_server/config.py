@@ -41,6 +41,10 @@ class ModelConfig:
     # Passed to the tokenizer for `text` inputs (chat-formatted `messages` get the template's own tokens).
     add_special_tokens: bool = True
     trust_remote_code: bool = False
+    # torch.compile each decoder layer (fuses the norms, rotary embedding, activation and residual adds around
+    # the matrix multiplies); null = auto: on with CUDA and tensor_parallel_size 1. Compilation happens during
+    # the start-up warm-up (batching.warmup), tens of seconds.
+    compile: Optional[bool] = None
     cache_dir: str = "~/.cache/reward_server"
     default: DefaultModelConfig = field(default_factory=DefaultModelConfig)
 
@@ -64,8 +68,9 @@ class BatchingConfig:
     max_queue_delay_us: int = 2000
     # Empty: Triton's default. Set it so that a lone request at low load need not wait the full delay.
     preferred_batch_sizes: List[int] = field(default_factory=list)
-    # Token budget of one forward micro-batch (rows x padded length, or one packed row), so a large batch never
-    # runs out of memory.
+    # Token budget of one forward (rows x padded length, or one packed row) on each data-parallel replica. Rank 0
+    # fills each forward up to it from every queued request, across Triton's batches; the budget also bounds the
+    # memory a forward needs.
     max_tokens_per_forward: int = 16384
     # packed: sequences concatenated padding-free with a block-diagonal causal mask; padded: length-sorted rows
     # padded to the longest in their micro-batch.
@@ -110,6 +115,8 @@ class ServerConfig:
     # Tries to start Triton before the rank gives up (PyTriton's start-up handshake can fail under CPU load).
     start_attempts: int = 3
     log_verbose: int = 0
+    # Log the engine's counts (forwards, tokens per forward, tokens/s, busy share) this often; 0: only at exit.
+    stats_log_s: float = 60.0
 
 
 @dataclass

@@ -1,16 +1,20 @@
 """The distributed engine: rank 0 leads, ranks 1..N-1 follow, all run the same forward in lock-step.
 
-Rank 0's Triton threads hand checked batches to `Leader.submit`; its main thread runs `Leader.run`, which
-broadcasts each batch, joins the forward and completes the caller's future. Subscribers run
+Rank 0's Triton threads hand checked batches to `Leader.submit`; its main thread runs `Leader.run`, which cuts
+the queued sequences into forwards of a token budget, broadcasts each, joins the forward and completes each
+caller's future once all of its sequences are scored. Subscribers run
 `run_subscriber` until rank 0 sends SHUTDOWN.
 """
 
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future
-from typing import List, Optional
+from typing import Deque, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import distributed as d
@@ -85,24 +89,106 @@ class Engine:
 _STOP = object()
 
 
-class Leader:
-    """Rank 0: a queue of checked batches, served one forward at a time from the main thread."""
+class Work:
+    """One submitted batch: its sequences, its caller's future, and the rows scored so far. Its sequences may be
+    spread over several forwards, and a forward may hold sequences of several works."""
 
-    def __init__(self, engine: Engine, heartbeat_s: float):
+    def __init__(self, seqs: List[torch.Tensor], fut: Future, alone: bool):
+        self.seqs = seqs
+        self.fut = fut
+        self.alone = alone  # only this work's sequences in its forwards (a retry that must not meet others)
+        self.untaken = deque(range(len(seqs)))
+        self.rows: List[Optional[np.ndarray]] = [None] * len(seqs)
+        self.missing = len(seqs)
+
+    def result(self) -> np.ndarray:
+        width = max(len(r) for r in self.rows)  # rows of one work may come from forwards of different widths
+        out = np.zeros((len(self.rows), width), dtype=np.float32)
+        for i, r in enumerate(self.rows):
+            out[i, :len(r)] = r
+        return out
+
+
+def plan_forward(pending: Deque[Work], budget: int) -> List[Tuple[Work, int]]:
+    """The (work, sequence index) pairs of the next forward: the oldest sequence first, so nothing waits for
+    ever, then any queued sequence that still fits `budget` tokens, oldest works first (first fit). An `alone`
+    work shares its forwards with nobody. A sequence longer than the budget runs on its own."""
+    head = pending[0]
+    first = head.untaken.popleft()
+    picked, used = [(head, first)], len(head.seqs[first])
+    for work in ([head] if head.alone else pending):
+        if work.alone and work is not head:
+            continue
+        kept = deque()
+        while work.untaken:
+            i = work.untaken.popleft()
+            if used + len(work.seqs[i]) <= budget:
+                picked.append((work, i))
+                used += len(work.seqs[i])
+            else:
+                kept.append(i)
+        work.untaken = kept
+        if used >= budget:
+            break
+    return picked
+
+
+class EngineStats:
+    """Counts of the leader's forwards, logged every `interval_s` and at exit: how full the forwards were and
+    how much of the time the ranks were busy."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._reset(time.monotonic())
+
+    def _reset(self, now: float) -> None:
+        self.since, self.forwards, self.seqs, self.tokens, self.busy_s = now, 0, 0, 0, 0.0
+
+    def add(self, n_seqs: int, n_tokens: int, seconds: float) -> None:
+        self.forwards += 1
+        self.seqs += n_seqs
+        self.tokens += n_tokens
+        self.busy_s += seconds
+        if self.interval_s and time.monotonic() - self.since >= self.interval_s:
+            self.log()
+
+    def log(self) -> None:
+        now = time.monotonic()
+        wall = now - self.since
+        if self.forwards:
+            log.info("engine: %d forwards, %d sequences, %d tokens (%.0f per forward) in %.1f s: %.0f tokens/s, "
+                     "busy %.1f %%", self.forwards, self.seqs, self.tokens, self.tokens / self.forwards, wall,
+                     self.tokens / wall, 100 * self.busy_s / wall)
+        self._reset(now)
+
+
+class Leader:
+    """Rank 0: checked batches from the Triton threads go into a queue; the main thread serves them in forwards
+    of up to `tokens_per_forward` tokens, cut across batch boundaries, so that forwards stay full however
+    Triton happened to batch the requests (a batch waiting behind a forward joins the next one)."""
+
+    def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, stats_interval_s: float = 0):
         self.engine = engine
         self.heartbeat_s = heartbeat_s
+        self.tokens_per_forward = tokens_per_forward
+        self.stats = EngineStats(stats_interval_s)
         self._queue: "queue.Queue" = queue.Queue()
+        self._pending: Deque[Work] = deque()
         self._closed = threading.Event()
         self._lock = threading.Lock()  # no submit slips in between closing and failing what is queued
         self.failed: Optional[BaseException] = None
 
-    def submit(self, seqs: List[torch.Tensor]) -> Future:
+    def submit(self, seqs: List[torch.Tensor], alone: bool = False) -> Future:
+        """Rewards [len(seqs), width] as a numpy array, in a future. `alone`: score these sequences in forwards
+        of their own (used to retry the requests of a failed forward one by one)."""
         fut: Future = Future()
         with self._lock:
             if self._closed.is_set():
                 fut.set_exception(ShuttingDown("the reward server is shutting down"))
+            elif not seqs:
+                fut.set_result(np.zeros((0, 1), dtype=np.float32))
             else:
-                self._queue.put((seqs, fut))
+                self._queue.put(Work(seqs, fut, alone))
         return fut
 
     def close(self) -> None:
@@ -114,17 +200,13 @@ class Leader:
 
     def run(self) -> None:
         try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=self.heartbeat_s)
-                except queue.Empty:
-                    d.send_header(Command.HEARTBEAT)
-                    continue
-                if item is _STOP:
-                    break
-                seqs, fut = item
-                if fut.set_running_or_notify_cancel():
-                    self._forward(seqs, fut)
+            stopping = False
+            while not (stopping and not self._pending):
+                if not stopping:
+                    stopping = self._take_queued()
+                if self._pending:
+                    self._forward(plan_forward(self._pending, self.tokens_per_forward))
+            self.stats.log()
             d.send_header(Command.SHUTDOWN)
         except BaseException as exc:  # a collective failed or a rank faulted: the group is broken, fail everything
             self.failed = exc
@@ -133,24 +215,47 @@ class Leader:
                 self._fail_pending(RuntimeError(f"reward ranks failed: {exc}"))
             raise
 
-    def _forward(self, seqs: List[torch.Tensor], fut: Future) -> None:
+    def _take_queued(self) -> bool:
+        """Move queued works to the pending list (waiting, with heartbeats, while there is nothing to do);
+        True once the stop sign was seen."""
+        while True:
+            try:
+                item = self._queue.get(block=not self._pending, timeout=self.heartbeat_s)
+            except queue.Empty:
+                if self._pending:
+                    return False
+                d.send_header(Command.HEARTBEAT)
+                continue
+            if item is _STOP:
+                return True
+            if item.fut.set_running_or_notify_cancel():
+                self._pending.append(item)
+
+    def _forward(self, picked: List[Tuple[Work, int]]) -> None:
+        seqs = [w.seqs[i] for w, i in picked]
         n_tokens = sum(len(s) for s in seqs)
-        try:
-            d.send_header(Command.FORWARD, len(seqs), n_tokens)
-            local = d.broadcast_batch(seqs, len(seqs), n_tokens, self.engine.topo.device)
-            out = self.engine.forward(local).cpu()
-        except BaseException as exc:
-            fut.set_exception(RuntimeError(f"reward ranks failed: {exc}"))
-            raise
+        start = time.monotonic()
+        d.send_header(Command.FORWARD, len(seqs), n_tokens)
+        local = d.broadcast_batch(seqs, len(seqs), n_tokens, self.engine.topo.device)
+        out = self.engine.forward(local).cpu()
+        self.stats.add(len(seqs), n_tokens, time.monotonic() - start)
         failed, faulted = int(out[-2, 0]), int(out[-1, 0])
         if faulted:
-            exc = RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
-            fut.set_exception(exc)
-            raise exc
-        if failed:
-            fut.set_exception(ForwardError(f"the forward failed on {failed} rank(s); see the server log"))
-        else:
-            fut.set_result(out[:-2].numpy())
+            raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
+        works = list({id(w): w for w, _ in picked}.values())
+        if failed:  # every work with a sequence in this forward fails; the service retries them one by one
+            for w in works:
+                self._pending.remove(w)
+                w.fut.set_exception(ForwardError(f"the forward failed on {failed} rank(s); see the server log"))
+            return
+        values = out[:-2].numpy()
+        for (w, i), row in zip(picked, values):
+            w.rows[i] = row
+            w.missing -= 1
+        for w in works:
+            if w.missing == 0:
+                self._pending.remove(w)
+                w.fut.set_result(w.result())
 
     def reject_queued(self, exc: BaseException) -> None:
         """Fail the batches waiting in the queue, e.g. ones that reached a Triton which is being restarted
@@ -159,13 +264,15 @@ class Leader:
             self._fail_pending(exc)
 
     def _fail_pending(self, exc: BaseException) -> None:
+        while self._pending:
+            self._pending.popleft().fut.set_exception(exc)
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
             if item is not _STOP:
-                item[1].set_exception(exc)
+                item.fut.set_exception(exc)
 
 
 def run_subscriber(engine: Engine) -> None:

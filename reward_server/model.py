@@ -80,7 +80,25 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     model.eval()
     if topo.rank == 0:
         log.info("model loaded in %.1f s", time.monotonic() - start)
+    use_compile = cfg.compile if cfg.compile is not None else (topo.device.type == "cuda" and topo.tp_size == 1)
+    if use_compile:
+        n = compile_layers(model)
+        if topo.rank == 0:
+            log.info("model.compile: %d decoder layers compiled with torch.compile (on first use: the warm-up)", n)
     return model, path
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer (the classes transformers names in `_no_split_modules`), with dynamic
+    shapes so that one graph serves every forward length. Returns how many layers; they compile on first use."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"model.compile: no decoder layers ({sorted(names)}) found in {type(model).__name__}; "
+                         "set model.compile=false")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def micro_batches(lengths: Sequence[int], budget: int) -> List[List[int]]:

@@ -153,18 +153,18 @@ class RewardService:
             log.exception("decoding a request failed")
             return InputError(f"bad request: {type(exc).__name__}: {exc}")
 
-    def _score(self, good: List[List[np.ndarray]]) -> list:
-        """Rewards for each request's sequences, one array per request. When the forward fails alike on the
-        ranks (a request that slipped past the checks), score the requests one at a time so that only the
-        bad one fails."""
+    def _score(self, good: List[List[np.ndarray]], alone: bool = False) -> list:
+        """Rewards for each request's sequences, one array per request. The leader may put them in forwards with
+        other requests' sequences; when such a forward fails alike on the ranks (a request that slipped past the
+        checks), score each request again in forwards of its own, so that only the bad one fails."""
         seqs = [torch.from_numpy(ids) for d in good for ids in d]
         try:
-            rewards = self.leader.submit(seqs).result()
+            rewards = self.leader.submit(seqs, alone=alone).result()
         except ForwardError as exc:
-            if len(good) == 1:
+            if alone and len(good) == 1:
                 return [exc]
-            log.warning("a batch of %d requests failed (%s); scoring them one at a time", len(good), exc)
-            return [self._score([d])[0] for d in good]
+            log.warning("a forward with %d request(s) failed (%s); scoring them one at a time", len(good), exc)
+            return [self._score([d], alone=True)[0] for d in good]
         results, at = [], 0
         for d in good:
             results.append(rewards[at:at + len(d)])

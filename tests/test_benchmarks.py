@@ -27,11 +27,19 @@ def test_workload_and_inprocess_baselines(tmp_path, llama_ckpt):
     assert len(rows) == 40 and all(64 + 16 <= len(r["token_ids"]["content"][0].split()) <= 3072 for r in rows)
     report = tmp_path / "inprocess.json"
     run([BENCH / "inprocess.py", "--model", llama_ckpt, "--n", 12, "--chunk", 4, "--dense", "2x64",
-         "--budget", 4096, "--json", report])
+         "--budget", 4096, "--schedule", "chunk", "leader", "--json", report])
     results = {r["name"]: r for r in json.load(open(report))}
     assert results["dense 2x64"]["tokens_per_s"] > 0
     workload = [r for name, r in results.items() if name.startswith("workload")]
     assert {"packed", "padded"} == {r["name"].split()[1] for r in workload}
+    assert {"chunk", "leader"} == {"leader" if r["name"].endswith("leader") else "chunk" for r in workload}
+    sys.path.insert(0, str(BENCH))
+    from workload import lengths
+
+    total = int(sum(lengths(12, 0)))
+    for r in workload:  # chunks of 4 sequences; leader: forwards filled to the 4,096-token budget
+        expected = (3, 3) if not r["name"].endswith("leader") else (-(-total // 4096), total // 4096 + 3)
+        assert expected[0] <= r["calls"] <= expected[1], (r, total)
     assert all(r["max_abs_diff_vs_plain"] < 1e-4 for r in workload)
 
 

@@ -52,3 +52,24 @@ def test_packing_and_micro_batches_respect_budget():
     assert sum(lengths) / (1000 * len(rows)) > 0.95  # first-fit decreasing leaves little room unused
     for mb in micro_batches(lengths, 1000):
         assert len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= 1000
+
+
+def test_compiled_layers_match_plain_forward(model_and_seqs, llama_ckpt):
+    """model.compile=true: every decoder layer under torch.compile with dynamic shapes; forwards of several
+    lengths give the plain forward's rewards, from one compiled graph (no recompilation per length)."""
+    from torch._dynamo.utils import counters
+
+    from reward_server.config import ModelConfig
+    from reward_server.distributed import Topology
+    from reward_server.model import load_pretrained
+
+    _, seqs, expected = model_and_seqs
+    topo = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
+    model, _ = load_pretrained(AutoModelForSequenceClassification, ModelConfig(path=llama_ckpt, compile=True), topo)
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.base_model.layers)
+    scorer = PackedSequenceScorer(model, model.config.pad_token_id, 700, torch.device("cpu"), row_tokens=700)
+    torch._dynamo.reset()
+    counters.clear()
+    got = scorer([torch.as_tensor(s) for s in seqs]).numpy()  # forwards of several lengths
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

@@ -1,0 +1,134 @@
+"""Rank 0's scheduler in-process (a group of one over gloo): forwards filled to the token budget across
+submitted batches, every row back to its own caller, bit-identical to scoring the same forward directly."""
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from conftest import reference_rewards
+from reward_server import distributed as d
+from reward_server.config import ParallelConfig
+from reward_server.engine import Engine, ForwardError, Leader, ShuttingDown, plan_forward, Work
+from reward_server.model import PackedSequenceScorer
+
+BUDGET = 600
+
+
+@pytest.fixture(scope="module")
+def topo():
+    topo = d.init_distributed(ParallelConfig(backend="gloo"))
+    yield topo
+    d.shutdown()
+
+
+class RecordingScorer:
+    """Wraps a scorer and keeps each forward's sequences; a sequence holding `poison` fails its forward."""
+
+    def __init__(self, inner=None, poison=None):
+        self.inner = inner
+        self.poison = poison
+        self.forwards = []
+
+    def output_width(self, seqs):
+        return 1
+
+    def __call__(self, seqs):
+        self.forwards.append([s.clone() for s in seqs])
+        if self.poison is not None and any(bool((s == self.poison).any()) for s in seqs):
+            raise ValueError("poisoned forward")
+        if self.inner is not None:
+            return self.inner(seqs)
+        return torch.tensor([[float(s.sum()) * 1000 + len(s)] for s in seqs])
+
+
+def serve(leader, submissions):
+    """Queue every submission (so the leader sees them together), then run the leader until it has served them."""
+    futures = [leader.submit(seqs, alone=alone) for seqs, alone in submissions]
+    thread = threading.Thread(target=leader.run)
+    thread.start()
+    leader.close()
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    return futures
+
+
+def random_batches(n, seed, max_len=250):
+    rng = random.Random(seed)
+    return [[torch.randint(4, 500, (rng.randint(1, max_len),)) for _ in range(rng.randint(1, 6))] for _ in range(n)]
+
+
+def test_forwards_fill_the_budget_across_batches_and_rows_go_home(topo):
+    scorer = RecordingScorer()
+    budget = 2000
+    leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=budget)
+    batches = random_batches(40, seed=0) + [[torch.randint(4, 500, (budget + 50,))]]  # one over the budget
+    futures = serve(leader, [(b, False) for b in batches])
+    for seqs, fut in zip(batches, futures):
+        expected = np.array([[float(s.sum()) * 1000 + len(s)] for s in seqs], dtype=np.float32)
+        np.testing.assert_array_equal(fut.result(timeout=1), expected)
+    sizes = [sum(len(s) for s in f) for f in scorer.forwards]
+    assert all(size <= budget or len(f) == 1 for size, f in zip(sizes, scorer.forwards))
+    assert max(sizes) > budget  # the long one ran, alone
+    total = sum(len(s) for b in batches for s in b)
+    assert len(scorer.forwards) <= total / budget * 1.1 + 2  # nearly full: far fewer forwards than batches
+    assert len(scorer.forwards) < len(batches) / 3
+
+
+def test_plan_forward_takes_the_oldest_first_and_keeps_alone_works_apart():
+    def work(lengths, alone=False):
+        return Work([torch.zeros(n, dtype=torch.long) for n in lengths], None, alone)
+
+    a, b, c = work([500, 500]), work([80, 90], alone=True), work([100, 50])
+    pending = __import__("collections").deque([a, b, c])
+    picked = plan_forward(pending, 600)
+    assert [(w is a, i) for w, i in picked][:1] == [(True, 0)]
+    assert {(id(w), i) for w, i in picked} == {(id(a), 0), (id(c), 0)}  # b is alone; a[1] and c[1] do not fit
+    picked = plan_forward(pending, 600)
+    assert {(id(w), i) for w, i in picked} == {(id(a), 1), (id(c), 1)}
+    pending.remove(a), pending.remove(c)
+    assert {(id(w), i) for w, i in plan_forward(pending, 600)} == {(id(b), 0), (id(b), 1)}
+
+
+def test_a_failed_forward_fails_only_its_works_and_alone_works_are_not_mixed(topo):
+    poison = 3
+    scorer = RecordingScorer(poison=poison)
+    leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET)
+    good = [[torch.randint(4, 500, (50,))]] + random_batches(5, seed=1, max_len=100)
+    bad = [torch.tensor([5, poison, 7])]
+    lonely = [torch.randint(4, 500, (20,)), torch.randint(4, 500, (30,))]
+    futures = serve(leader, [(good[0], False), (bad, False), (lonely, True)] + [(g, False) for g in good[1:]])
+    assert isinstance(futures[1].exception(timeout=1), ForwardError)
+    assert isinstance(futures[0].exception(timeout=1), ForwardError)  # shared the bad forward
+    assert futures[2].exception(timeout=1) is None
+    alone_forwards = [f for f in scorer.forwards if any(s.shape == lonely[0].shape and torch.equal(s, lonely[0])
+                                                          for s in f)]
+    assert len(alone_forwards) == 1 and len(alone_forwards[0]) == 2
+    with pytest.raises(ShuttingDown):
+        leader.submit(good[0]).result(timeout=1)
+
+
+def test_rewards_bit_identical_to_scoring_each_forward_directly(topo, llama_ckpt):
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    scorer = RecordingScorer(PackedSequenceScorer(model, model.config.pad_token_id, BUDGET, torch.device("cpu")))
+    leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET)
+    batches = random_batches(12, seed=2)
+    futures = serve(leader, [(b, False) for b in batches])
+    got = {}
+    for seqs, fut in zip(batches, futures):
+        for s, row in zip(seqs, fut.result(timeout=1)):
+            got[tuple(s.tolist())] = row
+    direct = {}
+    for forward in scorer.forwards:  # the simple path: the scorer called on the same forward, no queue
+        for s, row in zip(forward, scorer.inner(forward).numpy()):
+            direct[tuple(s.tolist())] = row
+    assert got.keys() == direct.keys()
+    for key in got:
+        assert np.array_equal(got[key], direct[key]), key[:5]
+    seqs = [s.numpy() for b in batches for s in b]
+    flat = np.stack([got[tuple(s.tolist())] for s in seqs])
+    np.testing.assert_allclose(flat, reference_rewards(llama_ckpt, seqs), atol=1e-5, rtol=0)
+    assert len(scorer.forwards) < len(batches)  # forwards held sequences of several batches
