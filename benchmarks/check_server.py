@@ -21,6 +21,8 @@ def main():
     p.add_argument("--url", default="localhost:8000")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--vocab", type=int, default=0, help="0: the model's vocabulary size")
+    p.add_argument("--fp32", action="store_true", help="also compare both with a float32 forward (the truth bf16 "
+                                                        "rounds): is the server as close to it as plain bf16?")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -35,8 +37,18 @@ def main():
     inp.set_data_from_numpy(data)
     served = client.infer("reward", [inp]).as_numpy("rewards")
     diff = np.abs(served - plain)
-    print(json.dumps({"n": a.n, "dtype": str(dtype), "max_abs_diff": float(diff.max()),
-                      "mean_abs_diff": float(diff.mean()), "reward_std": float(plain.std())}))
+    report = {"n": a.n, "dtype": str(dtype), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+              "reward_std": float(plain.std())}
+    if a.fp32:
+        del model
+        model = AutoModelForSequenceClassification.from_pretrained(a.model, dtype=torch.float32).to(device).eval()
+        with torch.inference_mode():
+            exact = np.stack([model(input_ids=torch.as_tensor(s, device=device)[None]).logits[0].float().cpu().numpy()
+                              for s in seqs])
+        for name, values in (("served", served), ("plain", plain)):
+            report[f"{name}_vs_fp32_max_abs_diff"] = float(np.abs(values - exact).max())
+            report[f"{name}_vs_fp32_mean_abs_diff"] = float(np.abs(values - exact).mean())
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

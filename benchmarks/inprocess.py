@@ -55,6 +55,8 @@ def main():
     p.add_argument("--schedule", nargs="+", default=["chunk"], choices=["chunk", "leader"])
     p.add_argument("--compile", default="off", choices=["off", "on", "both"],
                    help="torch.compile the decoder layers: off, on, or both (uncompiled first)")
+    p.add_argument("--uncompiled", default="all", choices=["all", "dense"],
+                   help="with --compile both: what the uncompiled pass runs (dense: only the dense baseline)")
     p.add_argument("--json", default="")
     a = p.parse_args()
 
@@ -98,7 +100,7 @@ def main():
                 ids = torch.randint(3, vocab, (b, length), device=device)
                 seconds = timed(lambda: model.base_model(input_ids=ids, use_cache=False), repeat=3)
                 report(f"dense {shape}{tag}", b * length, seconds)
-        for attn in a.attn:
+        for attn in a.attn if compiled or a.uncompiled == "all" else []:
             model.set_attn_implementation(attn)
             for layout in a.layouts:
                 for budget, row in [(b, r) for b in a.budget for r in (a.row_tokens if layout == "packed" else [0])]:

@@ -65,7 +65,7 @@ def serve(cfg: ServeConfig) -> int:
     max_length = cfg.model.max_length or model_config.max_position_embeddings
     rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
     leader = Leader(engine, cfg.parallel.heartbeat_s, cfg.batching.max_tokens_per_forward * topo.dp_size,
-                    cfg.server.stats_log_s)
+                    cfg.batching.overlap, cfg.server.stats_log_s)
     if prm:
         decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, scorer.tag, cfg.reward.max_steps)
         outputs = StepOutputs(scorer.tag, cfg.reward.aggregate)

@@ -82,6 +82,9 @@ class BatchingConfig:
     # Run the forward on synthetic batches of a few shapes at start-up, so that kernel selection and
     # flex_attention's compilation happen before the first request.
     warmup: bool = True
+    # Launch the next forward (sent to the ranks, queued on the GPU) before the current one's rewards are read
+    # back, so the GPU never waits for rank 0's Python between forwards. Rewards are the same either way.
+    overlap: bool = True
     # Triton model instances per model: more than one lets rank 0 decode the next batch during a forward.
     instances: int = 2
 

@@ -128,18 +128,31 @@ def recv_header() -> Tuple[Command, int, int]:
     return Command(command), n_seqs, n_tokens
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait for the GPU: a copy from pageable memory would
+    wait for every kernel already queued, so copy through pinned memory, asynchronously."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def broadcast_batch(seqs: Optional[List[torch.Tensor]], n_seqs: int, n_tokens: int, device) -> List[torch.Tensor]:
-    """Rank 0 passes its sequences; the others pass None and receive them. Returns them on `device`."""
+    """Rank 0 passes its sequences (on the CPU); the others pass None and receive them. Returns them on `device`.
+    Rank 0 never waits for the GPU here, so it can send the next batch while the current forward runs."""
     if seqs is not None:
-        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64, device=device)
-        flat = torch.cat(seqs).to(device=device, dtype=torch.int64) if n_tokens else lengths.new_empty(0)
+        sizes = [len(s) for s in seqs]
+        lengths = to_device(torch.tensor(sizes, dtype=torch.int64), device)
+        flat = torch.cat(seqs).to(torch.int64) if n_tokens else torch.empty(0, dtype=torch.int64)
+        flat = to_device(flat, device)
     else:
         lengths = torch.empty(n_seqs, dtype=torch.int64, device=device)
         flat = torch.empty(n_tokens, dtype=torch.int64, device=device)
     if dist.get_world_size() > 1:
         dist.broadcast(lengths, src=0)
         dist.broadcast(flat, src=0)
-    return list(torch.split(flat, lengths.tolist()))
+    if seqs is None:
+        sizes = lengths.tolist()
+    return list(torch.split(flat, sizes))
 
 
 def reduce_to_leader(values: torch.Tensor) -> torch.Tensor:

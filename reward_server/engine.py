@@ -69,7 +69,7 @@ class Engine:
             if mine:
                 values = self.scorer([seqs[i] for i in mine])
                 if self.topo.tp_rank == 0:  # a share may need fewer columns than the batch (steps per row)
-                    out[torch.tensor(mine, device=out.device), : values.shape[1]] = values
+                    out[d.to_device(torch.tensor(mine), out.device), : values.shape[1]] = values
         except FATAL_ERRORS as exc:
             log.exception("rank %d: fatal error in the forward; the group will exit so that torchrun restarts it",
                           self.topo.rank)
@@ -113,11 +113,13 @@ def plan_forward(pending: Deque[Work], budget: int) -> List[Tuple[Work, int]]:
     """The (work, sequence index) pairs of the next forward: the oldest sequence first, so nothing waits for
     ever, then any queued sequence that still fits `budget` tokens, oldest works first (first fit). An `alone`
     work shares its forwards with nobody. A sequence longer than the budget runs on its own."""
-    head = pending[0]
+    head = next((w for w in pending if w.untaken), None)
+    if head is None:  # every queued sequence is already in a forward
+        return []
     first = head.untaken.popleft()
     picked, used = [(head, first)], len(head.seqs[first])
     for work in ([head] if head.alone else pending):
-        if work.alone and work is not head:
+        if (work.alone and work is not head) or not work.untaken:
             continue
         kept = deque()
         while work.untaken:
@@ -134,32 +136,57 @@ def plan_forward(pending: Deque[Work], budget: int) -> List[Tuple[Work, int]]:
 
 
 class EngineStats:
-    """Counts of the leader's forwards, logged every `interval_s` and at exit: how full the forwards were and
-    how much of the time the ranks were busy."""
+    """Counts of the leader's forwards, logged every `interval_s` and at exit: how full the forwards were, and the
+    share of the time with a forward in flight (launched and its rewards not yet read back)."""
 
     def __init__(self, interval_s: float):
         self.interval_s = interval_s
+        self.busy_since: Optional[float] = None
         self._reset(time.monotonic())
 
     def _reset(self, now: float) -> None:
         self.since, self.forwards, self.seqs, self.tokens, self.busy_s = now, 0, 0, 0, 0.0
+        if self.busy_since is not None:
+            self.busy_since = now
 
-    def add(self, n_seqs: int, n_tokens: int, seconds: float) -> None:
+    def launched(self) -> None:
+        if self.busy_since is None:
+            self.busy_since = time.monotonic()
+
+    def finished(self, n_seqs: int, n_tokens: int, idle_after: bool) -> None:
         self.forwards += 1
         self.seqs += n_seqs
         self.tokens += n_tokens
-        self.busy_s += seconds
+        if idle_after and self.busy_since is not None:
+            self.busy_s += time.monotonic() - self.busy_since
+            self.busy_since = None
         if self.interval_s and time.monotonic() - self.since >= self.interval_s:
             self.log()
 
     def log(self) -> None:
         now = time.monotonic()
         wall = now - self.since
+        busy = self.busy_s + (now - self.busy_since if self.busy_since is not None else 0.0)
         if self.forwards:
             log.info("engine: %d forwards, %d sequences, %d tokens (%.0f per forward) in %.1f s: %.0f tokens/s, "
                      "busy %.1f %%", self.forwards, self.seqs, self.tokens, self.tokens / self.forwards, wall,
-                     self.tokens / wall, 100 * self.busy_s / wall)
+                     self.tokens / wall, 100 * busy / wall)
         self._reset(now)
+
+
+class InFlight:
+    """A launched forward: its (work, index) pairs and its rewards on their way to the host."""
+
+    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, host: torch.Tensor, ready):
+        self.picked = picked
+        self.n_tokens = n_tokens
+        self.host = host
+        self.ready = ready  # a CUDA event recorded after the copy to the host, or None on the CPU
+
+    def wait(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host
 
 
 class Leader:
@@ -167,10 +194,12 @@ class Leader:
     of up to `tokens_per_forward` tokens, cut across batch boundaries, so that forwards stay full however
     Triton happened to batch the requests (a batch waiting behind a forward joins the next one)."""
 
-    def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, stats_interval_s: float = 0):
+    def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, overlap: bool = True,
+                 stats_interval_s: float = 0):
         self.engine = engine
         self.heartbeat_s = heartbeat_s
         self.tokens_per_forward = tokens_per_forward
+        self.overlap = overlap  # launch the next forward before reading back the current one's rewards
         self.stats = EngineStats(stats_interval_s)
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: Deque[Work] = deque()
@@ -199,13 +228,24 @@ class Leader:
                 self._queue.put(_STOP)
 
     def run(self) -> None:
+        """Serve until closed. With `overlap`, forward N+1 is prepared, broadcast and launched while forward N
+        still runs on the GPU, and N's callers are answered while N+1 runs, so the GPU does not wait for rank 0's
+        Python between forwards. Each forward's rewards are the same either way."""
         try:
-            stopping = False
-            while not (stopping and not self._pending):
+            stopping, in_flight = False, None
+            while True:
                 if not stopping:
-                    stopping = self._take_queued()
-                if self._pending:
-                    self._forward(plan_forward(self._pending, self.tokens_per_forward))
+                    stopping = self._take_queued(wait=in_flight is None)
+                picked = plan_forward(self._pending, self.tokens_per_forward) if self._pending else []
+                launched = self._launch(picked) if picked else None
+                if in_flight is not None:
+                    self._finish(in_flight, idle_after=launched is None)
+                in_flight = launched
+                if in_flight is not None and not self.overlap:
+                    self._finish(in_flight, idle_after=True)
+                    in_flight = None
+                if stopping and in_flight is None and not any(w.untaken for w in self._pending):
+                    break
             self.stats.log()
             d.send_header(Command.SHUTDOWN)
         except BaseException as exc:  # a collective failed or a rank faulted: the group is broken, fail everything
@@ -215,14 +255,15 @@ class Leader:
                 self._fail_pending(RuntimeError(f"reward ranks failed: {exc}"))
             raise
 
-    def _take_queued(self) -> bool:
-        """Move queued works to the pending list (waiting, with heartbeats, while there is nothing to do);
-        True once the stop sign was seen."""
+    def _take_queued(self, wait: bool) -> bool:
+        """Move queued works to the pending list; with `wait` and nothing to do, wait for work (sending
+        heartbeats). True once the stop sign was seen."""
         while True:
+            idle = wait and not any(w.untaken for w in self._pending)
             try:
-                item = self._queue.get(block=not self._pending, timeout=self.heartbeat_s)
+                item = self._queue.get(block=idle, timeout=self.heartbeat_s if idle else None)
             except queue.Empty:
-                if self._pending:
+                if not idle:
                     return False
                 d.send_header(Command.HEARTBEAT)
                 continue
@@ -231,25 +272,35 @@ class Leader:
             if item.fut.set_running_or_notify_cancel():
                 self._pending.append(item)
 
-    def _forward(self, picked: List[Tuple[Work, int]]) -> None:
+    def _launch(self, picked: List[Tuple[Work, int]]) -> InFlight:
         seqs = [w.seqs[i] for w, i in picked]
         n_tokens = sum(len(s) for s in seqs)
-        start = time.monotonic()
+        self.stats.launched()
         d.send_header(Command.FORWARD, len(seqs), n_tokens)
         local = d.broadcast_batch(seqs, len(seqs), n_tokens, self.engine.topo.device)
-        out = self.engine.forward(local).cpu()
-        self.stats.add(len(seqs), n_tokens, time.monotonic() - start)
+        out = self.engine.forward(local)
+        if out.device.type == "cuda":
+            host = out.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return InFlight(picked, n_tokens, host, ready)
+        return InFlight(picked, n_tokens, out, None)
+
+    def _finish(self, forward: InFlight, idle_after: bool) -> None:
+        out = forward.wait()
+        self.stats.finished(len(forward.picked), forward.n_tokens, idle_after)
         failed, faulted = int(out[-2, 0]), int(out[-1, 0])
         if faulted:
             raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
-        works = list({id(w): w for w, _ in picked}.values())
+        # a work failed by an earlier forward may still have had sequences in this one: skip it
+        works = [w for w in {id(w): w for w, _ in forward.picked}.values() if not w.fut.done()]
         if failed:  # every work with a sequence in this forward fails; the service retries them one by one
             for w in works:
                 self._pending.remove(w)
                 w.fut.set_exception(ForwardError(f"the forward failed on {failed} rank(s); see the server log"))
             return
         values = out[:-2].numpy()
-        for (w, i), row in zip(picked, values):
+        for (w, i), row in zip(forward.picked, values):
             w.rows[i] = row
             w.missing -= 1
         for w in works:
@@ -265,7 +316,9 @@ class Leader:
 
     def _fail_pending(self, exc: BaseException) -> None:
         while self._pending:
-            self._pending.popleft().fut.set_exception(exc)
+            work = self._pending.popleft()
+            if not work.fut.done():
+                work.fut.set_exception(exc)
         while True:
             try:
                 item = self._queue.get_nowait()

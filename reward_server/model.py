@@ -148,12 +148,12 @@ class SequenceScorer:
         out = torch.zeros(len(seqs), self.width, dtype=torch.float32, device=self.device)
         for idx in micro_batches([len(s) for s in seqs], self.budget):
             rows = [seqs[i] for i in idx]
-            lengths = torch.tensor([len(r) for r in rows], device=self.device)
+            lengths = d.to_device(torch.tensor([len(r) for r in rows]), self.device)
             ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
             mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
             hidden = self.backbone(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
             last = hidden[torch.arange(len(rows), device=self.device), lengths - 1]
-            out[torch.tensor(idx, device=self.device)] = self.head(last).float()
+            out[d.to_device(torch.tensor(idx), self.device)] = self.head(last).float()
         return out
 
 
@@ -196,19 +196,20 @@ class PackedSequenceScorer(SequenceScorer):
         row_len = [sum(lengths[i] for i in r) for r in rows]
         for group in micro_batches(row_len, self.budget):
             width = max(row_len[g] for g in group)
-            ids, positions, members, last = [], [], [], []
-            for k, g in enumerate(group):
+            ids, members, sizes, real = [], [], [], []  # positions and pooling indices built on the CPU
+            for g in group:
                 pad = width - row_len[g]
                 parts = [seqs[i] for i in rows[g]] + ([seqs[rows[g][0]].new_full((pad,), self.pad_token_id)] if pad else [])
                 ids.append(torch.cat(parts))
-                positions.append(torch.cat([torch.arange(len(p), device=self.device) for p in parts]))
-                ends = torch.cumsum(torch.tensor([lengths[i] for i in rows[g]], device=self.device), 0) - 1
                 members += rows[g]
-                last.append(ends + k * width)
-            hidden = self.backbone(input_ids=torch.stack(ids), position_ids=torch.stack(positions),
+                sizes += [len(p) for p in parts]
+                real += [True] * len(rows[g]) + ([False] if pad else [])
+            positions = torch.cat([torch.arange(n) for n in sizes]).view(len(group), width)
+            last = (torch.cumsum(torch.tensor(sizes), 0) - 1)[torch.tensor(real)]  # each sequence's last token
+            hidden = self.backbone(input_ids=torch.stack(ids), position_ids=d.to_device(positions, self.device),
                                    attention_mask=None, use_cache=False).last_hidden_state
-            pooled = hidden.reshape(-1, hidden.shape[-1])[torch.cat(last)]
-            out[torch.tensor(members, device=self.device)] = self.head(pooled).float()
+            pooled = hidden.reshape(-1, hidden.shape[-1])[d.to_device(last, self.device)]
+            out[d.to_device(torch.tensor(members), self.device)] = self.head(pooled).float()
         return out
 
 

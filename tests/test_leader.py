@@ -132,3 +132,22 @@ def test_rewards_bit_identical_to_scoring_each_forward_directly(topo, llama_ckpt
     flat = np.stack([got[tuple(s.tolist())] for s in seqs])
     np.testing.assert_allclose(flat, reference_rewards(llama_ckpt, seqs), atol=1e-5, rtol=0)
     assert len(scorer.forwards) < len(batches)  # forwards held sequences of several batches
+
+
+def test_overlapped_forwards_give_the_simple_paths_rewards_bit_for_bit(topo, llama_ckpt):
+    """batching.overlap launches forward N+1 before reading back N; the forwards and every reward are the same as
+    with one forward at a time."""
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    batches = random_batches(10, seed=3)
+    runs = []
+    for overlap in (False, True):
+        scorer = RecordingScorer(PackedSequenceScorer(model, model.config.pad_token_id, BUDGET, torch.device("cpu")))
+        leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET, overlap=overlap)
+        futures = serve(leader, [(b, False) for b in batches])
+        runs.append(([f.result(timeout=1) for f in futures], scorer.forwards))
+    (simple, simple_forwards), (overlapped, overlapped_forwards) = runs
+    assert len(simple_forwards) == len(overlapped_forwards) > 1
+    assert all(len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+               for a, b in zip(simple_forwards, overlapped_forwards))
+    for a, b in zip(simple, overlapped):
+        assert a.tobytes() == b.tobytes()
