@@ -64,8 +64,10 @@ def serve(cfg: ServeConfig) -> int:
 
     max_length = cfg.model.max_length or model_config.max_position_embeddings
     rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
+    # on the CPU a forward runs to its end inside the launch: overlapping would only delay each answer by a forward
+    overlap = cfg.batching.overlap and topo.device.type == "cuda"
     leader = Leader(engine, cfg.parallel.heartbeat_s, cfg.batching.max_tokens_per_forward * topo.dp_size,
-                    cfg.batching.overlap, cfg.server.stats_log_s)
+                    overlap, cfg.server.stats_log_s)
     if prm:
         decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, scorer.tag, cfg.reward.max_steps)
         outputs = StepOutputs(scorer.tag, cfg.reward.aggregate)

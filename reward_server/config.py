@@ -83,7 +83,8 @@ class BatchingConfig:
     # flex_attention's compilation happen before the first request.
     warmup: bool = True
     # Launch the next forward (sent to the ranks, queued on the GPU) before the current one's rewards are read
-    # back, so the GPU never waits for rank 0's Python between forwards. Rewards are the same either way.
+    # back, so the GPU never waits for rank 0's Python between forwards. Rewards are the same either way. GPU only:
+    # on the CPU a forward runs to its end when launched, so there is nothing to overlap.
     overlap: bool = True
     # Triton model instances per model: more than one lets rank 0 decode the next batch during a forward.
     instances: int = 2

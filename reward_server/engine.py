@@ -237,7 +237,14 @@ class Leader:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
                 picked = plan_forward(self._pending, self.tokens_per_forward) if self._pending else []
-                launched = self._launch(picked) if picked else None
+                try:
+                    launched = self._launch(picked) if picked else None
+                except BaseException:
+                    # a rank that faulted in the forward still in flight has left the group, so this launch
+                    # failed; answer that forward first, so its callers learn the cause (out of memory)
+                    if in_flight is not None:
+                        self._finish(in_flight, idle_after=True)
+                    raise
                 if in_flight is not None:
                     self._finish(in_flight, idle_after=launched is None)
                 in_flight = launched

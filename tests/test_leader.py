@@ -151,3 +151,36 @@ def test_overlapped_forwards_give_the_simple_paths_rewards_bit_for_bit(topo, lla
                for a, b in zip(simple_forwards, overlapped_forwards))
     for a, b in zip(simple, overlapped):
         assert a.tobytes() == b.tobytes()
+
+
+class FaultThenBrokenGroup:
+    """An engine whose first forward reports a rank's fatal error, like a rank that ran out of memory and left the
+    group; the next forward's collectives then fail, as they do against the departed rank."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.topo = engine.topo
+        self.calls = 0
+
+    def forward(self, seqs):
+        self.calls += 1
+        if self.calls > 1:
+            raise ConnectionError("connection closed by peer")
+        out = self.engine.forward(seqs)
+        out[-1, 0] = 1.0
+        return out
+
+
+def test_a_launch_into_a_broken_group_first_answers_the_forward_that_broke_it(topo):
+    """With overlap, forward N+1 is launched before N's result is read; if a rank faulted in N, N+1's launch
+    fails. The callers still learn the cause (the rank's fatal error), not just the broken connection."""
+    engine = FaultThenBrokenGroup(Engine(RecordingScorer(), topo))
+    leader = Leader(engine, heartbeat_s=1, tokens_per_forward=BUDGET, overlap=True)
+    batches = [[torch.randint(4, 500, (400,))] for _ in range(3)]  # one per forward
+    futures = [leader.submit(b) for b in batches]
+    leader.close()
+    with pytest.raises(RuntimeError, match="fatal error"):
+        leader.run()
+    assert engine.calls == 2  # forward 2's launch failed before forward 1 was read back
+    for fut in futures:
+        assert "fatal error (out of memory?)" in str(fut.exception(timeout=1))
