@@ -17,7 +17,7 @@ from .engine import Engine, Leader, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .model import load_scalar_scorer, warm_up
 from .prm import StepDecoder, StepOutputs, load_step_scorer
-from .server import RewardService, ScalarOutputs, resolve_access_token, resolve_inference_token, start_triton
+from .server import AUTO_INSTANCES, RewardService, ScalarOutputs, resolve_access_token, resolve_inference_token, start_triton
 
 log = logging.getLogger("reward_server")
 
@@ -74,6 +74,8 @@ def serve(cfg: ServeConfig) -> int:
     else:
         decoder, outputs = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), ScalarOutputs(scorer.width)
     service = RewardService(leader, decoder, outputs)
+    if not cfg.batching.instances:
+        cfg.batching.instances = AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
         triton = start_triton(cfg, service, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
     draining = threading.Event()

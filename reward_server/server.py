@@ -185,6 +185,12 @@ def restrictions(access_token: str, inference_token: Optional[str]) -> List[str]
     return groups
 
 
+# batching.instances=0: Triton model instances by the device rank 0 computes on. On GPU, 8 (with batches of 16)
+# keep enough requests at rank 0 to fill the next forward (docs/results/tuning/); on the CPU, where forwards are slow
+# and small, 2 are enough and each instance less is one Python stub process less to start.
+AUTO_INSTANCES = {"cuda": 8, "cpu": 2}
+
+
 def start_triton(cfg: ServeConfig, service: RewardService, access_token: str, inference_token: Optional[str] = None):
     """Start Triton with our models. PyTriton's Python backend stub sometimes fails its start-up handshake when
     the CPU is busy (it connects to its own socket before that listens): try again rather than fail the rank."""
@@ -215,11 +221,15 @@ def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, i
         # We pass the restrictions ourselves (PyTriton's own take one group only); its client calls use the token.
         security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=[]),
     )
+    # Triton refuses a model whose preferred batch size exceeds its max batch size: cap them
+    preferred = sorted({min(p, b.max_batch_size) for p in b.preferred_batch_sizes})
+    log.info("Triton: %d model instances per model, batches of up to %d sequences (preferred %s), %d us delay",
+             b.instances, b.max_batch_size, preferred or "none", b.max_queue_delay_us)
     model_config = ModelConfig(
         max_batch_size=b.max_batch_size,
         batcher=DynamicBatcher(
             max_queue_delay_microseconds=b.max_queue_delay_us,
-            preferred_batch_size=list(b.preferred_batch_sizes) or None,
+            preferred_batch_size=preferred or None,
         ),
     )
     outputs = [Tensor(name=n, dtype=t, shape=shape) for n, t, shape in service.outputs.specs]

@@ -92,6 +92,7 @@ def test_default_model_serves_and_sigterm_exits_cleanly(start_server):
     log = srv.log()
     assert "rank 0 exited cleanly" in log and "rank 1 exited cleanly" in log, log[-3000:]
     assert "exitcode  : 1" not in log
+    assert "Triton: 2 model instances per model, batches of up to 64 sequences (preferred [16])" in log  # CPU auto
 
 
 def test_four_ranks_two_replicas_of_tensor_parallel_two(start_server, llama_ckpt):
