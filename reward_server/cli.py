@@ -74,10 +74,9 @@ def serve(cfg: ServeConfig) -> int:
     else:
         decoder, outputs = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), ScalarOutputs(scorer.width)
     service = RewardService(leader, decoder, outputs)
-    if not cfg.batching.instances:
-        cfg.batching.instances = AUTO_INSTANCES[topo.device.type]
+    instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
-        triton = start_triton(cfg, service, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
+        triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
     draining = threading.Event()
 
     def drain(signum, _frame):

@@ -67,9 +67,9 @@ class BatchingConfig:
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
     # Triton cuts its batches at these sizes (in sequences, capped at max_batch_size) when more are queued (empty:
-    # Triton's default, which is the max batch size). A batch is answered only when all its requests are scored, so small batches get clients
-    # their rewards sooner and keep more requests queued for rank 0 to fill the next forward with: 16 (with 8
-    # instances) gave 9 % more tokens/s at 64 clients than 64 (docs/results/tuning/).
+    # Triton's default, which is the max batch size). A batch is answered only when all its requests are scored,
+    # so small batches get clients their rewards sooner and keep more requests queued for rank 0 to fill the next
+    # forward with: 16 (with 8 instances) gave 9 % more tokens/s at 64 clients than 64 (docs/results/tuning/).
     preferred_batch_sizes: List[int] = field(default_factory=lambda: [16])
     # Token budget of one forward (rows x padded length, or one packed row) on each data-parallel replica. Rank 0
     # fills each forward up to it from every queued request, across Triton's batches; the budget also bounds the

@@ -191,12 +191,13 @@ def restrictions(access_token: str, inference_token: Optional[str]) -> List[str]
 AUTO_INSTANCES = {"cuda": 8, "cpu": 2}
 
 
-def start_triton(cfg: ServeConfig, service: RewardService, access_token: str, inference_token: Optional[str] = None):
+def start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,
+                 inference_token: Optional[str] = None):
     """Start Triton with our models. PyTriton's Python backend stub sometimes fails its start-up handshake when
     the CPU is busy (it connects to its own socket before that listens): try again rather than fail the rank."""
     for attempt in range(1, cfg.server.start_attempts + 1):
         try:
-            return _start_triton(cfg, service, access_token, inference_token)
+            return _start_triton(cfg, service, instances, access_token, inference_token)
         except Exception:
             if attempt == cfg.server.start_attempts:
                 raise
@@ -204,7 +205,8 @@ def start_triton(cfg: ServeConfig, service: RewardService, access_token: str, in
                         exc_info=True)
 
 
-def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, inference_token: Optional[str]):
+def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,
+                  inference_token: Optional[str]):
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -224,7 +226,7 @@ def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, i
     # Triton refuses a model whose preferred batch size exceeds its max batch size: cap them
     preferred = sorted({min(p, b.max_batch_size) for p in b.preferred_batch_sizes})
     log.info("Triton: %d model instances per model, batches of up to %d sequences (preferred %s), %d us delay",
-             b.instances, b.max_batch_size, preferred or "none", b.max_queue_delay_us)
+             instances, b.max_batch_size, preferred or "none", b.max_queue_delay_us)
     model_config = ModelConfig(
         max_batch_size=b.max_batch_size,
         batcher=DynamicBatcher(
@@ -236,7 +238,7 @@ def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, i
     outputs.append(Tensor(name="error", dtype=bytes, shape=(1,)))
     triton.bind(
         model_name=s.model_name,
-        infer_func=[service.infer_native] * b.instances,
+        infer_func=[service.infer_native] * instances,
         inputs=[Tensor(name=n, dtype=bytes, shape=(1,), optional=True) for n in ("text", "messages", "token_ids")],
         outputs=outputs,
         config=model_config,
@@ -245,7 +247,7 @@ def _start_triton(cfg: ServeConfig, service: RewardService, access_token: str, i
     if s.nemo_model_name:
         triton.bind(
             model_name=s.nemo_model_name,
-            infer_func=[service.infer_nemo] * b.instances,
+            infer_func=[service.infer_nemo] * instances,
             inputs=[
                 Tensor(name="sentences", dtype=bytes, shape=(-1,), optional=True),
                 Tensor(name="tokens", dtype=np.int64, shape=(-1,), optional=True),
