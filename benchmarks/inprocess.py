@@ -1,10 +1,11 @@
 """In-process baselines: what a user gets with no server at all, on the same model and tokens.
 
   dense    forward of [B, L] real tokens (no padding): the GPU's best case at that length
-  workload the RLHF workload (benchmarks/workload.py) scored by each layout and attention kernel, either in
-           chunks of --chunk sequences (one scorer call per dynamic batch) or, with --schedule leader, in the
-           forwards the server's leader would cut from the whole workload (engine.plan_forward: each forward
-           filled to the token budget): the same forwards as the server at full load, with no server
+  workload a workload of benchmarks/workload.py (--workload rlhf | grpo | tree) scored by each layout, attention
+           kernel and prefix-sharing setting, either in chunks of --chunk sequences (one scorer call per dynamic
+           batch) or, with --schedule leader, in the forwards the server's leader would cut from the whole
+           workload (engine.plan_forward: each forward filled to the token budget of tokens computed): the same
+           forwards as the server at full load, with no server. Reports tokens/s as sent (before sharing).
 --compile both repeats everything after torch.compile of the decoder layers (model.compile in the server).
 It also checks that each scorer's rewards equal a plain per-sequence transformers forward.
 
@@ -20,9 +21,12 @@ from transformers import AutoModelForSequenceClassification
 
 from collections import deque
 
+from reward_server.config import BatchingConfig
 from reward_server.engine import Work, plan_forward
-from reward_server.model import SCORERS, compile_layers
-from workload import sequences
+from reward_server.model import compile_layers
+from reward_server.scoring.readout import LastToken
+from reward_server.scoring.scorer import build_scorer
+from workload import make
 
 
 def sync():
@@ -57,6 +61,8 @@ def main():
                    help="torch.compile the decoder layers: off, on, or both (uncompiled first)")
     p.add_argument("--uncompiled", default="all", choices=["all", "dense"],
                    help="with --compile both: what the uncompiled pass runs (dense: only the dense baseline)")
+    p.add_argument("--workload", nargs="+", default=["rlhf"], choices=["rlhf", "grpo", "tree"])
+    p.add_argument("--sharing", nargs="+", default=["on"], choices=["on", "off"], help="prefix sharing (packed)")
     p.add_argument("--json", default="")
     a = p.parse_args()
 
@@ -76,17 +82,18 @@ def main():
         print(json.dumps(row), flush=True)
 
     vocab = cfg.vocab_size
-    seqs = [torch.as_tensor(s, device=device) for s in sequences(a.n, vocab)]
-    n_tokens = sum(len(s) for s in seqs)
+    workloads = {w: [torch.as_tensor(s) for s in make(w, a.n, vocab)] for w in a.workload}
+    plain = {}
     with torch.inference_mode():
-        plain = torch.stack([model(input_ids=s[None]).logits[0].float() for s in seqs[:16]])
+        for w, seqs in workloads.items():
+            plain[w] = torch.stack([model(input_ids=s[None].to(device)).logits[0].float() for s in seqs[:16]])
 
-    def forwards(schedule, budget):
+    def forwards(seqs, schedule, budget, sharing):
         if schedule == "chunk":
             return [seqs[i:i + a.chunk] for i in range(0, len(seqs), a.chunk)]
         pending, out = deque([Work(seqs, None, False)]), []
         while pending[0].untaken:
-            out.append([seqs[i] for _, i in plan_forward(pending, budget)])
+            out.append([seqs[i] for _, i in plan_forward(pending, budget, sharing)[0]])
         return out
 
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[a.compile]:
@@ -102,24 +109,35 @@ def main():
                 report(f"dense {shape}{tag}", b * length, seconds)
         for attn in a.attn if compiled or a.uncompiled == "all" else []:
             model.set_attn_implementation(attn)
-            for layout in a.layouts:
-                for budget, row in [(b, r) for b in a.budget for r in (a.row_tokens if layout == "packed" else [0])]:
-                    extra = {"row_tokens": row} if layout == "packed" else {}
-                    scorer = SCORERS[layout](model, cfg.pad_token_id, budget, device, **extra)
-                    for schedule in a.schedule:
-                        calls = forwards(schedule, budget)
-                        name = f"{layout} {attn} budget {budget}" + (f" row {row}" if row else "") + \
-                            (f" chunk {a.chunk}" if schedule == "chunk" else " leader") + tag
-                        try:
-                            start = time.perf_counter()
-                            seconds = timed(lambda: [scorer(c) for c in calls], repeat=a.repeat)
-                            first = time.perf_counter() - start - seconds * a.repeat
-                            diff = (scorer(seqs[:16]) - plain).abs().max().item()
-                        except Exception as exc:  # report and go on: one kernel failing must not hide the others
-                            print(json.dumps({"name": name, "error": repr(exc)[:300]}), flush=True)
-                            continue
-                        report(f"workload {name}", n_tokens, seconds, calls=len(calls),
-                               first_pass_s=round(first, 1), max_abs_diff_vs_plain=round(diff, 5))
+            settings = [(layout, b, r, sharing) for layout in a.layouts for b in a.budget
+                        for r in (a.row_tokens if layout == "packed" else [0])
+                        for sharing in (a.sharing if layout == "packed" else ["off"])]
+            for (layout, budget, row, sharing), (w, seqs) in [(s, w) for s in settings for w in workloads.items()]:
+                batching = BatchingConfig(layout=layout, max_tokens_per_forward=budget, packed_row_tokens=row,
+                                          prefix_sharing=sharing == "on")
+                scorer = build_scorer(model, LastToken(model.score, cfg.num_labels), batching, cfg.pad_token_id,
+                                      device)
+                n_tokens = sum(len(s) for s in seqs)
+                for schedule in a.schedule:
+                    calls = forwards(seqs, schedule, budget, sharing == "on")
+                    name = f"{w} {layout} {attn} sharing {sharing} budget {budget}" + (f" row {row}" if row else "") \
+                        + (f" chunk {a.chunk}" if schedule == "chunk" else " leader") + tag
+                    try:
+                        start = time.perf_counter()
+                        seconds = timed(lambda: [scorer(c) for c in calls], repeat=a.repeat)
+                        first = time.perf_counter() - start - seconds * a.repeat
+                        diff = (scorer(seqs[:16]) - plain[w]).abs().max().item()
+                    except Exception as exc:  # report and go on: one kernel failing must not hide the others
+                        print(json.dumps({"name": name, "error": repr(exc)[:300]}), flush=True)
+                        continue
+                    report(name, n_tokens, seconds, calls=len(calls), first_pass_s=round(first, 1),
+                           max_abs_diff_vs_plain=round(diff, 5))
+    from torch._dynamo.utils import counters
+
+    compiles = {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                "recompiles": sum(counters["recompiles"].values()) if "recompiles" in counters else 0}
+    print(json.dumps({"dynamo": compiles}), flush=True)
+    results.append({"dynamo": compiles})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,13 +3,14 @@ for timing runs. Initialized on the GPU when there is one (seconds instead of mi
 
     python benchmarks/make_model.py --out /tmp/rm8b              # 8B, bf16
     python benchmarks/make_model.py --out /tmp/rm-tiny --shape tiny
+    python benchmarks/make_model.py --out /tmp/prm8b --head lm   # a causal LM, served as a math-shepherd-style PRM
 """
 
 import argparse
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -24,6 +25,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--head", default="seqcls", choices=["seqcls", "lm"],
+                   help="seqcls: a scalar reward model; lm: a causal LM (process reward model)")
     a = p.parse_args()
     from reward_server.default_model import _train_tokenizer
 
@@ -34,7 +37,8 @@ def main():
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = LlamaForSequenceClassification._from_config(config, dtype=getattr(torch, a.dtype))
+        cls = LlamaForSequenceClassification if a.head == "seqcls" else LlamaForCausalLM
+        model = cls._from_config(config, dtype=getattr(torch, a.dtype))
     model.save_pretrained(a.out)
     tok.save_pretrained(a.out)
     n = sum(p.numel() for p in model.parameters())

@@ -15,8 +15,9 @@ from . import faults, lifecycle
 from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
-from .model import load_scalar_scorer, warm_up
+from .model import load_scalar_scorer
 from .prm import StepDecoder, StepOutputs, load_step_scorer
+from .scoring.scorer import warm_up
 from .server import AUTO_INSTANCES, RewardService, ScalarOutputs, resolve_access_token, resolve_inference_token, start_triton
 
 log = logging.getLogger("reward_server")
@@ -41,18 +42,21 @@ def serve(cfg: ServeConfig) -> int:
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
     if prm:
-        scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching.max_tokens_per_forward,
-                                                           topo)
+        scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching, topo)
     else:
         scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
     if cfg.batching.warmup:
         start = time.monotonic()
-        warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward, topo.device)
+        warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward)
         if topo.is_leader:
             log.info("warm-up done in %.1f s", time.monotonic() - start)
+    layout = scorer.layout
+    if topo.is_leader:
+        log.info("layout %s%s, forwards of up to %d tokens computed per replica", layout.kind,
+                 " with prefix sharing" if layout.sharing else "", cfg.batching.max_tokens_per_forward)
     if faults.enabled(cfg.fault_injection):
         scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
-    engine = Engine(scorer, topo)
+    engine = Engine(scorer, topo, layout)
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -67,12 +71,14 @@ def serve(cfg: ServeConfig) -> int:
     # on the CPU a forward runs to its end inside the launch: overlapping would only delay each answer by a forward
     overlap = cfg.batching.overlap and topo.device.type == "cuda"
     leader = Leader(engine, cfg.parallel.heartbeat_s, cfg.batching.max_tokens_per_forward * topo.dp_size,
-                    overlap, cfg.server.stats_log_s)
+                    overlap, cfg.server.stats_log_s, layout.sharing, layout.min_shared)
     if prm:
-        decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, scorer.tag, cfg.reward.max_steps)
-        outputs = StepOutputs(scorer.tag, cfg.reward.aggregate)
+        tag = scorer.readout.tag
+        decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, tag, cfg.reward.max_steps)
+        outputs = StepOutputs(tag, cfg.reward.aggregate)
     else:
-        decoder, outputs = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens), ScalarOutputs(scorer.width)
+        decoder = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens)
+        outputs = ScalarOutputs(model_config.num_labels)
     service = RewardService(leader, decoder, outputs)
     instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841

@@ -75,9 +75,19 @@ class BatchingConfig:
     # fills each forward up to it from every queued request, across Triton's batches; the budget also bounds the
     # memory a forward needs.
     max_tokens_per_forward: int = 16384
-    # packed: sequences concatenated padding-free with a block-diagonal causal mask; padded: length-sorted rows
-    # padded to the longest in their micro-batch.
+    # packed: sequences laid out padding-free in rows, each token attending to its own sequence only (our own
+    # attention mask; flex_attention, sdpa or eager); padded: length-sorted rows padded to the longest in their
+    # micro-batch (transformers' own masks: any attention implementation). See scoring/layout.py.
     layout: str = "packed"
+    # packed layout: within each forward, a prefix that several sequences share (a GRPO group's prompt, a search
+    # tree's path so far, duplicates) is computed once; every sequence still gets exactly the hidden states of a
+    # forward over it alone. The token budget counts tokens computed, so a forward takes more sequences. Off: each
+    # sequence is computed in full (for comparison, or as an escape hatch).
+    prefix_sharing: bool = True
+    # With prefix_sharing: sequences whose first this-many tokens are the same are kept together: in one forward
+    # (the scheduler pulls in the rest of a group when it takes one), one data-parallel replica and one packed row.
+    # Shorter common prefixes (a BOS token, a chat header) are still shared when they land together.
+    prefix_min_tokens: int = 32
     # Longest packed row, in tokens; 0 = auto: max_tokens_per_forward with flex_attention (its block mask skips
     # other sequences' blocks), 2048 with a dense mask (sdpa, eager), whose attention work grows with the square
     # of the row length.

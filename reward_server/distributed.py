@@ -2,8 +2,10 @@
 
 Every batch crosses in three steps, all ranks in lock-step:
   1. header (gloo control group, CPU): [command, number of sequences, number of tokens]
-  2. payload (default group: NCCL on GPU, gloo on CPU): sequence lengths, then all tokens concatenated
-  3. after the forward, each rank's rewards (zeros where it did not score) are summed onto rank 0.
+  2. payload (gloo control group, CPU): sequence lengths, then all tokens concatenated. Every rank plans its
+     forward's layout from these ids on the CPU (scoring/layout.py), so no rank waits for its GPU to read them.
+  3. after the forward, each rank's rewards (zeros where it did not score) are summed onto rank 0 (default
+     group: NCCL on GPU, gloo on CPU).
 Rank 0 checks every request before step 1, so a malformed request never reaches the subscribers.
 """
 
@@ -136,20 +138,19 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def broadcast_batch(seqs: Optional[List[torch.Tensor]], n_seqs: int, n_tokens: int, device) -> List[torch.Tensor]:
-    """Rank 0 passes its sequences (on the CPU); the others pass None and receive them. Returns them on `device`.
-    Rank 0 never waits for the GPU here, so it can send the next batch while the current forward runs."""
+def broadcast_batch(seqs: Optional[List[torch.Tensor]], n_seqs: int, n_tokens: int) -> List[torch.Tensor]:
+    """Rank 0 passes its sequences; the others pass None and receive them. Returns them as int64 CPU tensors.
+    No rank waits for its GPU here, so rank 0 can send the next batch while the current forward runs."""
     if seqs is not None:
         sizes = [len(s) for s in seqs]
-        lengths = to_device(torch.tensor(sizes, dtype=torch.int64), device)
+        lengths = torch.tensor(sizes, dtype=torch.int64)
         flat = torch.cat(seqs).to(torch.int64) if n_tokens else torch.empty(0, dtype=torch.int64)
-        flat = to_device(flat, device)
     else:
-        lengths = torch.empty(n_seqs, dtype=torch.int64, device=device)
-        flat = torch.empty(n_tokens, dtype=torch.int64, device=device)
+        lengths = torch.empty(n_seqs, dtype=torch.int64)
+        flat = torch.empty(n_tokens, dtype=torch.int64)
     if dist.get_world_size() > 1:
-        dist.broadcast(lengths, src=0)
-        dist.broadcast(flat, src=0)
+        dist.broadcast(lengths, src=0, group=_control_group)
+        dist.broadcast(flat, src=0, group=_control_group)
     if seqs is None:
         sizes = lengths.tolist()
     return list(torch.split(flat, sizes))

@@ -19,6 +19,8 @@ import torch
 
 from . import distributed as d
 from .distributed import Command, Topology
+from .scoring.layout import Layout
+from .scoring.trie import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +41,21 @@ class ShuttingDown(RuntimeError):
 FATAL_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 
-def shard_for_replicas(lengths: List[int], n_replicas: int) -> List[List[int]]:
-    """Split sequence indices over data-parallel replicas with about equal token counts (longest first,
-    each to the least loaded replica). Every rank computes the same split from the same lengths."""
-    shares: List[List[int]] = [[] for _ in range(n_replicas)]
-    load = [0] * n_replicas
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = min(range(n_replicas), key=lambda r: load[r])
-        shares[r].append(i)
-        load[r] += lengths[i]
-    return shares
-
-
 class Engine:
-    """One synchronized forward over all ranks."""
+    """One synchronized forward over all ranks. `layout` splits each forward over the data-parallel replicas
+    (keeping sequences that share a prefix together); every rank computes the same split from the same ids."""
 
-    def __init__(self, scorer, topo: Topology):
+    def __init__(self, scorer, topo: Topology, layout: Optional[Layout] = None):
         self.scorer = scorer
         self.topo = topo
+        self.layout = layout or Layout("packed", 1, 0, sharing=False)
 
     def forward(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        """Returns [n + 2, width] on rank 0: rewards, then two rows whose first values count the ranks whose
-        forward failed (bad batch) and the ranks that hit a fatal error (RankFault)."""
+        """`seqs` on the CPU. Returns [n + 2, width] on rank 0: rewards, then two rows whose first values count the
+        ranks whose forward failed (bad batch) and the ranks that hit a fatal error (RankFault)."""
         n = len(seqs)
         out = torch.zeros(n + 2, self.scorer.output_width(seqs), dtype=torch.float32, device=self.topo.device)
-        mine = shard_for_replicas([len(s) for s in seqs], self.topo.dp_size)[self.topo.dp_rank]
+        mine = self.layout.replica_shares([s.numpy() for s in seqs], self.topo.dp_size)[self.topo.dp_rank]
         fault = None
         try:
             if mine:
@@ -109,35 +101,57 @@ class Work:
         return out
 
 
-def plan_forward(pending: Deque[Work], budget: int) -> List[Tuple[Work, int]]:
-    """The (work, sequence index) pairs of the next forward: the oldest sequence first, so nothing waits for
-    ever, then any queued sequence that still fits `budget` tokens, oldest works first (first fit). An `alone`
-    work shares its forwards with nobody. A sequence longer than the budget runs on its own."""
+def plan_forward(pending: Deque[Work], budget: int, sharing: bool = False,
+                 min_shared: int = 32) -> Tuple[List[Tuple[Work, int]], int]:
+    """The (work, sequence index) pairs of the next forward, and the tokens it computes: the oldest sequence
+    first, so nothing waits for ever, then any queued sequence that still fits `budget` tokens, oldest works first
+    (first fit). An `alone` work shares its forwards with nobody. A sequence longer than the budget runs on its own.
+
+    With `sharing`, a sequence costs only the tokens it does not share with those already taken (the forward's
+    prefix trie grows by that much), and taking one takes the rest of its group (queued sequences sharing at
+    least `min_shared` leading tokens with it, from any work) while they fit, so that a group sent as separate
+    requests is scored in one forward."""
     head = next((w for w in pending if w.untaken), None)
     if head is None:  # every queued sequence is already in a forward
-        return []
-    first = head.untaken.popleft()
-    picked, used = [(head, first)], len(head.seqs[first])
-    for work in ([head] if head.alone else pending):
-        if (work.alone and work is not head) or not work.untaken:
-            continue
-        kept = deque()
-        while work.untaken:
-            i = work.untaken.popleft()
-            if used + len(work.seqs[i]) <= budget:
-                picked.append((work, i))
-                used += len(work.seqs[i])
-            else:
-                kept.append(i)
-        work.untaken = kept
+        return [], 0
+    pool = [(w, i) for w in ([head] if head.alone else pending) if not (w.alone and w is not head)
+            for i in w.untaken]  # oldest first; head's first untaken sequence is pool[0]
+    index = PrefixIndex([w.seqs[i].numpy() for w, i in pool], min_shared) if sharing else None
+    taken = np.zeros(len(pool), dtype=bool)
+    used = 0
+
+    def add(p: int) -> bool:
+        nonlocal used
+        cost = index.cost(p) if index is not None else len(pool[p][0].seqs[pool[p][1]])
+        if used and used + cost > budget:
+            return False
+        taken[p] = True
+        used += cost
+        if index is not None:
+            index.take(p)
+        return True
+
+    for p in range(len(pool)):
         if used >= budget:
             break
-    return picked
+        if taken[p] or not add(p) or index is None:
+            continue
+        for q in index.group_of(p):
+            if not taken[q]:
+                add(int(q))
+    picked = [pool[p] for p in np.flatnonzero(taken)]
+    chosen = {}
+    for w, i in picked:
+        chosen.setdefault(id(w), set()).add(i)
+    for w in {id(w): w for w, _ in picked}.values():
+        w.untaken = deque(i for i in w.untaken if i not in chosen[id(w)])
+    return picked, used
 
 
 class EngineStats:
-    """Counts of the leader's forwards, logged every `interval_s` and at exit: how full the forwards were, and the
-    share of the time with a forward in flight (launched and its rewards not yet read back)."""
+    """Counts of the leader's forwards, logged every `interval_s` and at exit: how full the forwards were, tokens
+    received and computed (fewer when sequences share prefixes), and the share of the time with a forward in
+    flight (launched and its rewards not yet read back)."""
 
     def __init__(self, interval_s: float):
         self.interval_s = interval_s
@@ -145,7 +159,7 @@ class EngineStats:
         self._reset(time.monotonic())
 
     def _reset(self, now: float) -> None:
-        self.since, self.forwards, self.seqs, self.tokens, self.busy_s = now, 0, 0, 0, 0.0
+        self.since, self.forwards, self.seqs, self.tokens, self.computed, self.busy_s = now, 0, 0, 0, 0, 0.0
         if self.busy_since is not None:
             self.busy_since = now
 
@@ -153,10 +167,11 @@ class EngineStats:
         if self.busy_since is None:
             self.busy_since = time.monotonic()
 
-    def finished(self, n_seqs: int, n_tokens: int, idle_after: bool) -> None:
+    def finished(self, n_seqs: int, n_tokens: int, n_computed: int, idle_after: bool) -> None:
         self.forwards += 1
         self.seqs += n_seqs
         self.tokens += n_tokens
+        self.computed += n_computed
         if idle_after and self.busy_since is not None:
             self.busy_s += time.monotonic() - self.busy_since
             self.busy_since = None
@@ -168,18 +183,21 @@ class EngineStats:
         wall = now - self.since
         busy = self.busy_s + (now - self.busy_since if self.busy_since is not None else 0.0)
         if self.forwards:
-            log.info("engine: %d forwards, %d sequences, %d tokens (%.0f per forward) in %.1f s: %.0f tokens/s, "
-                     "busy %.1f %%", self.forwards, self.seqs, self.tokens, self.tokens / self.forwards, wall,
-                     self.tokens / wall, 100 * busy / wall)
+            log.info("engine: %d forwards, %d sequences, %d tokens received, %d computed (%.0f per forward, %.2fx "
+                     "shared) in %.1f s: %.0f tokens/s received, %.0f computed, busy %.1f %%", self.forwards,
+                     self.seqs, self.tokens, self.computed, self.computed / self.forwards,
+                     self.tokens / max(1, self.computed), wall, self.tokens / wall, self.computed / wall,
+                     100 * busy / wall)
         self._reset(now)
 
 
 class InFlight:
     """A launched forward: its (work, index) pairs and its rewards on their way to the host."""
 
-    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, host: torch.Tensor, ready):
+    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, n_computed: int, host: torch.Tensor, ready):
         self.picked = picked
         self.n_tokens = n_tokens
+        self.n_computed = n_computed
         self.host = host
         self.ready = ready  # a CUDA event recorded after the copy to the host, or None on the CPU
 
@@ -195,10 +213,12 @@ class Leader:
     Triton happened to batch the requests (a batch waiting behind a forward joins the next one)."""
 
     def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, overlap: bool = True,
-                 stats_interval_s: float = 0):
+                 stats_interval_s: float = 0, sharing: bool = False, min_shared: int = 32):
         self.engine = engine
         self.heartbeat_s = heartbeat_s
-        self.tokens_per_forward = tokens_per_forward
+        self.tokens_per_forward = tokens_per_forward  # tokens computed (after prefix sharing)
+        self.sharing = sharing
+        self.min_shared = min_shared
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
         self.stats = EngineStats(stats_interval_s)
         self._queue: "queue.Queue" = queue.Queue()
@@ -236,9 +256,10 @@ class Leader:
             while True:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
-                picked = plan_forward(self._pending, self.tokens_per_forward) if self._pending else []
+                picked, computed = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
+                                                self.min_shared) if self._pending else ([], 0)
                 try:
-                    launched = self._launch(picked) if picked else None
+                    launched = self._launch(picked, computed) if picked else None
                 except BaseException:
                     # a rank that faulted in the forward still in flight has left the group, so this launch
                     # failed; answer that forward first, so its callers learn the cause (out of memory)
@@ -279,23 +300,23 @@ class Leader:
             if item.fut.set_running_or_notify_cancel():
                 self._pending.append(item)
 
-    def _launch(self, picked: List[Tuple[Work, int]]) -> InFlight:
+    def _launch(self, picked: List[Tuple[Work, int]], computed: int) -> InFlight:
         seqs = [w.seqs[i] for w, i in picked]
         n_tokens = sum(len(s) for s in seqs)
         self.stats.launched()
         d.send_header(Command.FORWARD, len(seqs), n_tokens)
-        local = d.broadcast_batch(seqs, len(seqs), n_tokens, self.engine.topo.device)
+        local = d.broadcast_batch(seqs, len(seqs), n_tokens)
         out = self.engine.forward(local)
         if out.device.type == "cuda":
             host = out.to("cpu", non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-            return InFlight(picked, n_tokens, host, ready)
-        return InFlight(picked, n_tokens, out, None)
+            return InFlight(picked, n_tokens, computed, host, ready)
+        return InFlight(picked, n_tokens, computed, out, None)
 
     def _finish(self, forward: InFlight, idle_after: bool) -> None:
         out = forward.wait()
-        self.stats.finished(len(forward.picked), forward.n_tokens, idle_after)
+        self.stats.finished(len(forward.picked), forward.n_tokens, forward.n_computed, idle_after)
         failed, faulted = int(out[-2, 0]), int(out[-1, 0])
         if faulted:
             raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
@@ -342,4 +363,4 @@ def run_subscriber(engine: Engine) -> None:
         if command == Command.SHUTDOWN:
             return
         if command == Command.FORWARD:
-            engine.forward(d.broadcast_batch(None, n_seqs, n_tokens, engine.topo.device))
+            engine.forward(d.broadcast_batch(None, n_seqs, n_tokens))

@@ -3,7 +3,8 @@
 A step is marked by a step tag: a token id sequence found in the token ids themselves, so every rank finds
 the same steps in the ids it received (`StepTag.counts`), and the engine stays generic. A step is scored at
 the last token of its tag: the hidden state there goes through the model's own head (the LM head restricted
-to the candidate tokens, or a token-classification head) and becomes a number (`make_reader`).
+to the candidate tokens, or a token-classification head) and becomes a number (`step_head`). The forward is the
+scalar scorer's (scoring/scorer.py: same layouts, same prefix sharing) with another readout.
 The formats (math-shepherd, Qwen2.5-Math-PRM, RLHFlow) are presets in conf/reward/; see docs/prm.md.
 """
 
@@ -14,10 +15,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .config import ModelConfig, RewardConfig
+from .config import BatchingConfig, ModelConfig, RewardConfig
 from .distributed import Topology
 from .inputs import InputError, RequestDecoder
-from .model import plain_head, load_pretrained, micro_batches
+from .model import head_tensors, load_pretrained, pad_token_id, plain_head
+from .scoring.readout import StepScores
+from .scoring.scorer import build_scorer
 
 log = logging.getLogger(__name__)
 
@@ -80,26 +83,33 @@ class StepTag:
     def __init__(self, ids: List[int], text: Optional[str] = None):
         self.ids = list(ids)
         self.text = text
-        self._pattern = torch.tensor(self.ids, dtype=torch.int64)
+        self._pattern = np.array(self.ids, dtype=np.int64)
 
     def __repr__(self) -> str:
         return f"step tag {self.text!r} (token ids {self.ids})" if self.text else f"step tag token ids {self.ids}"
 
-    def hits(self, ids: torch.Tensor) -> torch.Tensor:
-        """[..., L] ids -> [..., L - k + 1] bool: the tag starts here. Scored position = start + k - 1."""
-        k = len(self.ids)
-        if ids.shape[-1] < k:
-            return torch.zeros(*ids.shape[:-1], 0, dtype=torch.bool, device=ids.device)
-        return (ids.unfold(-1, k, 1) == self._pattern.to(ids.device)).all(-1)
+    def _found(self, seqs: List[np.ndarray]):
+        """(sequence, index in the concatenation) of every tag occurrence, in order, and each sequence's offset.
+        One pass over the concatenation; a match across a boundary does not count."""
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        flat, k = np.concatenate(seqs) if len(seqs) else np.zeros(0, np.int64), len(self.ids)
+        if len(flat) < k:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), offsets
+        hit = (np.lib.stride_tricks.sliding_window_view(flat, k) == self._pattern).all(1)
+        segment = np.repeat(np.arange(len(seqs)), lengths)
+        starts = np.flatnonzero(hit & (segment[: len(hit)] == segment[k - 1:]))
+        return segment[starts], starts, offsets
 
-    def counts(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        """Steps in each sequence, in one pass over the concatenation (matches across a boundary don't count)."""
-        lengths = torch.tensor([len(s) for s in seqs], device=seqs[0].device)
-        segment = torch.repeat_interleave(torch.arange(len(seqs), device=lengths.device), lengths)
-        hits = self.hits(torch.cat(seqs))
-        k = len(self.ids)
-        inside = segment[: len(hits)] == segment[k - 1:]
-        return torch.bincount(segment[: len(hits)][hits & inside], minlength=len(seqs))
+    def counts(self, seqs: List[np.ndarray]) -> np.ndarray:
+        """Steps in each sequence."""
+        return np.bincount(self._found(seqs)[0], minlength=len(seqs))
+
+    def positions(self, seqs: List[np.ndarray]):
+        """(sequence, scored position = the tag's last token, step number) of every step, as numpy arrays."""
+        seq, starts, offsets = self._found(seqs)
+        step = np.arange(len(seq)) - np.searchsorted(seq, seq, side="left")
+        return seq, starts + len(self.ids) - 1 - offsets[seq], step
 
     def encode(self, tokenizer, text: str, add_special_tokens: bool) -> List[int]:
         """Tokenize `text` so that every occurrence of the tag string is exactly the tag's ids.
@@ -168,65 +178,40 @@ def candidate_ids(cfg: RewardConfig, tokenizer, vocab_size: int) -> List[int]:
     return ids
 
 
-def make_reader(cfg: RewardConfig, candidates: List[int], device: torch.device):
-    """logits [n, vocab or labels] (float32) -> scores [n]."""
-    cand = torch.tensor(candidates, dtype=torch.int64, device=device)
-    if cfg.score == "softmax":
-        return lambda logits: logits[:, cand].softmax(-1)[:, 0]
-    if cfg.score == "logit":
-        return lambda logits: logits[:, cand[0]]
-    label = cfg.positive_label
-    return lambda logits: logits.softmax(-1)[:, label]
+def step_head(cfg: RewardConfig, model, candidates: List[int]):
+    """The head applied at step positions, and what turns its output into a score. A causal LM's head is cut down
+    to the candidate tokens' rows (the vocabulary projection is never computed in full); a token-classification
+    head is used whole."""
+    if cfg.score == "classifier":
+        label = cfg.positive_label
+        head = plain_head(model.score if hasattr(model, "score") else model.classifier)
+        return head, lambda logits: logits.softmax(-1)[:, label]
+    weight, bias = head_tensors(model.get_output_embeddings())
+    rows = torch.tensor(candidates, dtype=torch.int64, device=weight.device)
+    weight = weight[rows].contiguous()
+    bias = bias[rows].contiguous() if bias is not None else None
 
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, weight, bias)
 
-class StepScorer:
-    """[n, max steps] scores (zeros past each row's steps; the server pads with NaN). One forward per
-    micro-batch; the head runs only on the hidden states at step positions."""
-
-    def __init__(self, backbone, head, read, tag: StepTag, pad_token_id: int, max_tokens_per_forward: int,
-                 device: torch.device):
-        self.backbone = backbone
-        self.head = head
-        self.read = read
-        self.tag = tag
-        self.pad_token_id = pad_token_id
-        self.budget = max_tokens_per_forward
-        self.device = device
-
-    def output_width(self, seqs: List[torch.Tensor]) -> int:
-        return max(1, int(self.tag.counts(seqs).max()))
-
-    @torch.no_grad()  # not inference_mode: FSDP-wrapped replicas (TP x DP) cannot unshard inference tensors
-    def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        out = torch.zeros(len(seqs), self.output_width(seqs), dtype=torch.float32, device=self.device)
-        k = len(self.tag.ids)
-        for idx in micro_batches([len(s) for s in seqs], self.budget):
-            rows = [seqs[i] for i in idx]
-            lengths = torch.tensor([len(r) for r in rows], device=self.device)
-            ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_token_id)
-            mask = torch.arange(ids.shape[1], device=self.device)[None, :] < lengths[:, None]
-            hits = self.tag.hits(ids) & mask[:, k - 1:]
-            row, start = hits.nonzero(as_tuple=True)
-            hidden = self.backbone(input_ids=ids, attention_mask=mask.long(), use_cache=False).last_hidden_state
-            scores = self.read(self.head(hidden[row, start + k - 1]).float())
-            step = hits.cumsum(1)[row, start] - 1
-            out[torch.tensor(idx, device=self.device)[row], step] = scores
-        return out
+    if cfg.score == "softmax":  # P(first candidate) among the candidates
+        return head, lambda logits: logits.softmax(-1)[:, 0]
+    return head, lambda logits: logits[:, 0]
 
 
 def check_head(model, backbone, head, probe: List[int], device: torch.device) -> None:
     """The scorer applies `head` to the backbone's hidden states itself (to skip the vocabulary projection
     everywhere but at the steps); refuse a model whose own logits are something else (e.g. soft-capped)."""
     ids = torch.tensor([probe], device=device)
-    with torch.no_grad():
-        full = model(input_ids=ids).logits.float()
-        fast = head(backbone(input_ids=ids).last_hidden_state).float()
+    with torch.no_grad():  # no KV cache: a cache object per layer would make compiled layers recompile
+        full = model(input_ids=ids, use_cache=False).logits.float()
+        fast = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
     if not torch.allclose(fast, full, rtol=1e-2, atol=1e-2):
         raise ValueError(f"{type(model).__name__}: its logits are not its head applied to the last hidden state "
                          f"(max difference {(fast - full).abs().max().item():.3g}); this model is not supported")
 
 
-def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, max_tokens_per_forward: int, topo: Topology):
+def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, batching: BatchingConfig, topo: Topology):
     import transformers
 
     check_config(cfg)
@@ -236,24 +221,18 @@ def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, max_tokens_per_f
     vocab_size = model.config.vocab_size
     tag = make_step_tag(cfg, tokenizer, vocab_size)
     if cfg.score == "classifier":
-        head = model.score if hasattr(model, "score") else model.classifier
         if not 0 <= cfg.positive_label < model.config.num_labels:
             raise ValueError(f"reward.positive_label={cfg.positive_label} but the model has "
                              f"{model.config.num_labels} labels")
-        candidates = []
+        candidates, full_head = [], plain_head(model.score if hasattr(model, "score") else model.classifier)
     else:
-        head = model.get_output_embeddings()
-        candidates = candidate_ids(cfg, tokenizer, vocab_size)
-    head = plain_head(head)
-    check_head(model, model.base_model, head, tag.ids + candidates + tag.ids, topo.device)
+        candidates, full_head = candidate_ids(cfg, tokenizer, vocab_size), plain_head(model.get_output_embeddings())
+    check_head(model, model.base_model, full_head, tag.ids + candidates + tag.ids, topo.device)
     if topo.rank == 0:
         log.info("process reward model: %s, score=%s, candidate token ids %s, aggregate=%s",
                  tag, cfg.score, candidates, cfg.aggregate)
-    pad = model.config.pad_token_id
-    if pad is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    read = make_reader(cfg, candidates, topo.device)
-    scorer = StepScorer(model.base_model, head, read, tag, pad, max_tokens_per_forward, topo.device)
+    head, read = step_head(cfg, model, candidates)
+    scorer = build_scorer(model, StepScores(head, read, tag), batching, pad_token_id(model, tokenizer), topo.device)
     return scorer, tokenizer, model.config
 
 
@@ -271,7 +250,7 @@ class StepDecoder(RequestDecoder):
 
     def _checked(self, seqs: List[np.ndarray]) -> List[np.ndarray]:
         seqs = super()._checked(seqs)
-        for row, n in enumerate(self.tag.counts([torch.from_numpy(s) for s in seqs]).tolist()):
+        for row, n in enumerate(self.tag.counts(seqs).tolist()):
             if n == 0:
                 raise InputError(f"row {row}: no step found: the sequence must contain the {self.tag}")
             if n > self.max_steps:
@@ -290,7 +269,7 @@ class StepOutputs:
         self.aggregate = AGGREGATES[aggregate]
 
     def scored(self, values: np.ndarray, seqs: List[np.ndarray]) -> dict:
-        counts = self.tag.counts([torch.from_numpy(s) for s in seqs]).tolist()
+        counts = self.tag.counts(seqs).tolist()
         steps = np.full((len(seqs), max(counts)), np.nan, dtype=np.float32)
         rewards = np.empty((len(seqs), 1), dtype=np.float32)
         for i, n in enumerate(counts):

@@ -3,6 +3,8 @@ submitted batches, every row back to its own caller, bit-identical to scoring th
 
 import random
 import threading
+import time
+from collections import deque
 
 import numpy as np
 import pytest
@@ -13,7 +15,9 @@ from conftest import reference_rewards
 from reward_server import distributed as d
 from reward_server.config import ParallelConfig
 from reward_server.engine import Engine, ForwardError, Leader, ShuttingDown, plan_forward, Work
-from reward_server.model import PackedSequenceScorer
+from reward_server.config import BatchingConfig
+from reward_server.scoring.readout import LastToken
+from reward_server.scoring.scorer import build_scorer
 
 BUDGET = 600
 
@@ -23,6 +27,11 @@ def topo():
     topo = d.init_distributed(ParallelConfig(backend="gloo"))
     yield topo
     d.shutdown()
+
+
+def packed_scorer(model, sharing=True):
+    batching = BatchingConfig(max_tokens_per_forward=BUDGET, prefix_sharing=sharing)
+    return build_scorer(model, LastToken(model.score, 1), batching, model.config.pad_token_id, torch.device("cpu"))
 
 
 class RecordingScorer:
@@ -83,14 +92,15 @@ def test_plan_forward_takes_the_oldest_first_and_keeps_alone_works_apart():
         return Work([torch.zeros(n, dtype=torch.long) for n in lengths], None, alone)
 
     a, b, c = work([500, 500]), work([80, 90], alone=True), work([100, 50])
-    pending = __import__("collections").deque([a, b, c])
-    picked = plan_forward(pending, 600)
+    pending = deque([a, b, c])
+    picked, computed = plan_forward(pending, 600)
     assert [(w is a, i) for w, i in picked][:1] == [(True, 0)]
     assert {(id(w), i) for w, i in picked} == {(id(a), 0), (id(c), 0)}  # b is alone; a[1] and c[1] do not fit
-    picked = plan_forward(pending, 600)
+    assert computed == 600
+    picked, _ = plan_forward(pending, 600)
     assert {(id(w), i) for w, i in picked} == {(id(a), 1), (id(c), 1)}
     pending.remove(a), pending.remove(c)
-    assert {(id(w), i) for w, i in plan_forward(pending, 600)} == {(id(b), 0), (id(b), 1)}
+    assert {(id(w), i) for w, i in plan_forward(pending, 600)[0]} == {(id(b), 0), (id(b), 1)}
 
 
 def test_a_failed_forward_fails_only_its_works_and_alone_works_are_not_mixed(topo):
@@ -113,7 +123,7 @@ def test_a_failed_forward_fails_only_its_works_and_alone_works_are_not_mixed(top
 
 def test_rewards_bit_identical_to_scoring_each_forward_directly(topo, llama_ckpt):
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-    scorer = RecordingScorer(PackedSequenceScorer(model, model.config.pad_token_id, BUDGET, torch.device("cpu")))
+    scorer = RecordingScorer(packed_scorer(model))
     leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET)
     batches = random_batches(12, seed=2)
     futures = serve(leader, [(b, False) for b in batches])
@@ -141,7 +151,7 @@ def test_overlapped_forwards_give_the_simple_paths_rewards_bit_for_bit(topo, lla
     batches = random_batches(10, seed=3)
     runs = []
     for overlap in (False, True):
-        scorer = RecordingScorer(PackedSequenceScorer(model, model.config.pad_token_id, BUDGET, torch.device("cpu")))
+        scorer = RecordingScorer(packed_scorer(model))
         leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET, overlap=overlap)
         futures = serve(leader, [(b, False) for b in batches])
         runs.append(([f.result(timeout=1) for f in futures], scorer.forwards))
@@ -184,3 +194,23 @@ def test_a_launch_into_a_broken_group_first_answers_the_forward_that_broke_it(to
     assert engine.calls == 2  # forward 2's launch failed before forward 1 was read back
     for fut in futures:
         assert "fatal error (out of memory?)" in str(fut.exception(timeout=1))
+
+
+def test_plan_forward_with_sharing_takes_a_group_together_and_counts_computed_tokens():
+    """A group sharing a prefix, sent as separate requests and interleaved with others, goes into one forward; the
+    budget counts tokens computed (the forward's prefix trie)."""
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(4, 500, 300)
+    group = [Work([torch.from_numpy(np.concatenate([prompt, rng.integers(4, 500, 40)]))], None, False) for _ in range(4)]
+    others = [Work([torch.from_numpy(rng.integers(4, 500, 250))], None, False) for _ in range(4)]
+    pending = deque([group[0], others[0], others[1], group[1], others[2], group[2],
+                                               others[3], group[3]])
+    picked, computed = plan_forward(pending, 710, sharing=True, min_shared=32)
+    assert {id(w) for w, _ in picked} == {id(w) for w in group[:4]} | {id(others[0])}
+    assert computed == 300 + 4 * 40 + 250  # the prompt once
+    assert all(not w.untaken for w in group) and not others[0].untaken and others[1].untaken
+    # without sharing the same queue is cut by tokens sent: the oldest, then first fit
+    for w in pending:
+        w.untaken = deque([0])
+    picked, computed = plan_forward(pending, 700, sharing=False)
+    assert [id(w) for w, _ in picked] == [id(group[0]), id(others[0])] and computed == 340 + 250

@@ -352,10 +352,12 @@ def test_step_tag_counts_and_multi_token_tags():
     from reward_server.prm import StepTag
 
     tag = StepTag([7, 8])
-    seqs = [torch.tensor([1, 7, 8, 7]), torch.tensor([8, 7, 8, 7, 8]), torch.tensor([7])]
+    seqs = [np.array([1, 7, 8, 7]), np.array([8, 7, 8, 7, 8]), np.array([7])]
     # [.., 7] | [8, ..] across the boundary is not a step
     assert tag.counts(seqs).tolist() == [1, 2, 0]
-    assert tag.hits(torch.tensor([[7, 8, 0], [0, 7, 8]])).tolist() == [[True, False], [False, True]]
+    seq, position, step = tag.positions(seqs)  # scored at the tag's last token
+    assert (seq.tolist(), position.tolist(), step.tolist()) == ([0, 1, 1], [2, 2, 4], [0, 0, 1])
+    assert tag.counts([np.array([7])]).tolist() == [0]
 
 
 def test_step_outputs_aggregates_and_padding():

@@ -1,75 +1,307 @@
-"""In-process scorers (no server): packed and padded layouts equal a plain per-sequence forward."""
+"""In-process scorers (no server): every layout, with and without prefix sharing, equals a plain per-sequence
+forward; the trie layout's pieces (scoring/trie.py, scoring/layout.py) against brute force."""
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from conftest import reference_rewards
-from reward_server.model import PackedSequenceScorer, SequenceScorer, micro_batches, pack
+from reward_server.config import BatchingConfig
+from reward_server.scoring.layout import Layout, micro_batches
+from reward_server.scoring.readout import LastToken, StepScores
+from reward_server.scoring.scorer import build_scorer
+from reward_server.scoring.trie import PrefixIndex, TrieRow, first_fit_decreasing, trie_order
 
 LENGTHS = [1, 5, 300, 17, 100, 2, 512, 64, 511, 3]
 
 
+def sharing_cases(seed=0, vocab=512):
+    """Named lists of sequences: what RL traffic shares, and the edge cases of a trie."""
+    rng = np.random.default_rng(seed)
+
+    def ids(n):
+        return rng.integers(4, vocab, n).astype(np.int64)
+
+    prompt, question = ids(200), ids(60)
+    tree = []
+    for a in range(3):  # a candidate tree 3 levels deep: every node's path is a sequence
+        la = np.concatenate([question, ids(20 + a)])
+        tree.append(la)
+        for b in range(2):
+            lb = np.concatenate([la, ids(15 + b)])
+            tree.append(lb)
+            tree += [np.concatenate([lb, ids(10 + c)]) for c in range(2)]
+    long_prefix = ids(600)
+    base = ids(120)
+    return {
+        "grpo group": [np.concatenate([prompt, ids(n)]) for n in (10, 80, 33, 1, 57, 20)],
+        "tree 3 deep": tree,
+        "prefix of another": [base[:50].copy(), base.copy(), base[:51].copy()],
+        "duplicates": [base.copy(), base.copy(), ids(40), base.copy()],
+        "prefix longer than budget": [np.concatenate([long_prefix, ids(n)]) for n in (5, 30, 12)],
+        "nothing shared": [ids(n) for n in (30, 200, 7, 90)],
+    }
+
+
 @pytest.fixture(scope="module")
-def model_and_seqs(llama_ckpt):
+def llama(llama_ckpt):
+    return AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+
+
+def scalar_scorer(model, layout="packed", sharing=True, budget=512, row_tokens=0):
+    batching = BatchingConfig(layout=layout, prefix_sharing=sharing, max_tokens_per_forward=budget,
+                              packed_row_tokens=row_tokens)
+    return build_scorer(model, LastToken(model.score, model.config.num_labels), batching, model.config.pad_token_id,
+                        torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- the trie against brute force
+
+def random_family(rng, alphabet=3):
+    """Sequences over a tiny alphabet built from a few shared stems: many shared prefixes, duplicates, prefixes."""
+    stems = [rng.integers(0, alphabet, rng.integers(1, 8)) for _ in range(3)]
+    seqs = []
+    for _ in range(rng.integers(1, 10)):
+        stem = stems[rng.integers(0, 3)]
+        seq = np.concatenate([stem[:rng.integers(0, len(stem) + 1)], rng.integers(0, alphabet, rng.integers(0, 4))])
+        seqs.append(seq.astype(np.int64) if len(seq) else np.array([1], np.int64))
+    return seqs
+
+
+def prefixes(seqs):
+    return {tuple(s[:t + 1]) for s in seqs for t in range(len(s))}
+
+
+def test_trie_row_gives_each_token_exactly_its_own_sequence():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        seqs = random_family(rng)
+        row = TrieRow(seqs, *trie_order(seqs))
+        assert len(row) == len(prefixes(seqs))  # every distinct prefix once
+        sees = [[k for k in range(len(row)) if k <= q <= row.ends[k]] for q in range(len(row))]
+        for j, m in enumerate(row.members):
+            path = row.paths[j]
+            assert (row.ids[path] == seqs[m]).all() and (row.positions[path] == np.arange(len(seqs[m]))).all()
+            for t in range(len(path)):  # token t sees its own sequence's tokens 0..t and nothing else
+                assert sees[path[t]] == sorted(path[:t + 1].tolist())
+
+
+def test_prefix_index_cost_is_what_the_trie_grows_by():
     rng = np.random.default_rng(1)
-    seqs = [rng.integers(4, 512, n) for n in LENGTHS]
-    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-    return model, seqs, reference_rewards(llama_ckpt, seqs)
+    for _ in range(200):
+        seqs = random_family(rng)
+        index, taken = PrefixIndex(seqs, 2), []
+        for i in rng.permutation(len(seqs)):
+            grows = len(prefixes([seqs[k] for k in taken] + [seqs[i]])) - len(prefixes([seqs[k] for k in taken]))
+            assert index.cost(i) == grows
+            index.take(i)
+            taken.append(i)
+        for i in range(len(seqs)):  # a group: sorted neighbours sharing >= 2 tokens, transitively
+            assert i in index.group_of(i).tolist()
 
 
-@pytest.mark.parametrize("scorer_cls", [PackedSequenceScorer, SequenceScorer])
-@pytest.mark.parametrize("budget", [64, 700, 4096])
-def test_scorer_matches_plain_forward(model_and_seqs, scorer_cls, budget):
-    model, seqs, expected = model_and_seqs
-    # packed: several rows per forward, shorter rows with pad tails
-    extra = {"row_tokens": budget // 2} if scorer_cls is PackedSequenceScorer else {}
-    scorer = scorer_cls(model, model.config.pad_token_id, budget, torch.device("cpu"), **extra)
-    got = scorer([torch.as_tensor(s) for s in seqs]).numpy()
+def test_layout_calls_cover_every_sequence_within_the_budget():
+    cases = sharing_cases()
+    seqs = [s for case in cases.values() for s in case]
+    for kind, sharing, row_tokens in [("packed", True, 256), ("packed", False, 256), ("packed", True, 0),
+                                      ("padded", False, 0)]:
+        layout = Layout(kind, 512, 0, row_tokens=row_tokens, sharing=sharing, pad_multiple=128)
+        calls = list(layout.calls(seqs))
+        members = sorted(int(m) for c in calls for m in c.members)
+        assert members == list(range(len(seqs)))
+        for c in calls:
+            assert c.ids.size <= 512 or len(c.members) == 1 or c.ids.shape[0] == 1
+            for j, m in enumerate(c.members):  # every token where the layout says it is
+                np.testing.assert_array_equal(c.ids.reshape(-1)[c.index(np.full(len(seqs[m]), j),
+                                                                        np.arange(len(seqs[m])))], seqs[m])
+        if kind == "packed" and sharing:
+            assert sum(c.computed for c in calls) < sum(len(s) for s in seqs) * 0.7
+    assert all(len(b) == 1 or len(b) * max(LENGTHS[i] for i in b) <= 1000 for b in micro_batches(LENGTHS, 1000))
+    bins = first_fit_decreasing(LENGTHS, 600)
+    assert sorted(i for b in bins for i in b) == list(range(len(LENGTHS)))
+
+
+def test_replica_shares_keep_a_group_together_and_balance_tokens():
+    rng = np.random.default_rng(2)
+    groups = [[np.concatenate([p, rng.integers(4, 500, int(n))]) for n in rng.integers(5, 60, 8)]
+              for p in (rng.integers(4, 500, 300) for _ in range(4))]
+    seqs = [s for g in groups for s in g]
+    order = rng.permutation(len(seqs))
+    seqs = [seqs[i] for i in order]
+    group_of = {int(j): int(order[j]) // 8 for j in range(len(seqs))}
+    shares = Layout("packed", 4096, 0).replica_shares(seqs, 2)
+    assert sorted(i for s in shares for i in s) == list(range(len(seqs)))
+    for share in shares:
+        assert len({group_of[i] for i in share}) == 2  # two whole groups each
+    off = Layout("packed", 4096, 0, sharing=False).replica_shares(seqs, 2)
+    loads = [sum(len(seqs[i]) for i in s) for s in off]
+    assert max(loads) - min(loads) <= max(len(s) for s in seqs)
+
+
+# ---------------------------------------------------------------- scorers against a plain forward
+
+@pytest.mark.parametrize("layout,sharing,budget,row_tokens", [
+    ("packed", True, 512, 0), ("packed", True, 4096, 0), ("packed", True, 512, 256), ("packed", False, 512, 0),
+    ("padded", False, 700, 0)], ids=["shared", "shared-one-call", "shared-short-rows", "not-shared", "padded"])
+def test_every_layout_matches_a_plain_forward_on_shared_prefixes(llama, llama_ckpt, layout, sharing, budget,
+                                                                 row_tokens):
+    cases = sharing_cases()
+    seqs = [s for case in cases.values() for s in case]
+    expected = reference_rewards(llama_ckpt, seqs)
+    got = scalar_scorer(llama, layout, sharing, budget, row_tokens)([torch.from_numpy(s) for s in seqs]).numpy()
+    at = 0
+    for name, case in cases.items():
+        np.testing.assert_allclose(got[at:at + len(case)], expected[at:at + len(case)], atol=1e-5, rtol=0,
+                                   err_msg=name)
+        at += len(case)
+
+
+def test_eager_attention_takes_the_additive_tree_mask(llama_ckpt):
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    seqs = sharing_cases(seed=1)["grpo group"] + sharing_cases(seed=1)["duplicates"]
+    got = scalar_scorer(model)([torch.from_numpy(s) for s in seqs]).numpy()
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, seqs), atol=1e-5, rtol=0)
+
+
+def test_flex_attention_block_mask_on_the_cpu(llama_ckpt):
+    """The GPU default (flex_attention, our BlockMask from the trie) run on the CPU: compiles (tens of seconds)."""
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32,
+                                                               attn_implementation="flex_attention").eval()
+    cases = sharing_cases(seed=2)
+    seqs = cases["grpo group"] + cases["tree 3 deep"][:7] + cases["prefix of another"]
+    scorer = scalar_scorer(model, budget=1024)
+    assert scorer.layout.pad_multiple == 128 and scorer.layout.row_tokens == 1024
+    got = scorer([torch.from_numpy(s) for s in seqs]).numpy()
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, seqs), atol=1e-5, rtol=0)
+
+
+def test_sliding_window_models_get_the_window_in_the_tree_mask(tmp_path):
+    """A Mistral model whose window is shorter than its sequences: the tree mask applies it per sequence."""
+    from transformers import MistralConfig, MistralForSequenceClassification
+
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=48,
+                        num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
+    MistralForSequenceClassification(cfg).save_pretrained(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    seqs = sharing_cases(seed=3)["grpo group"]
+    got = scalar_scorer(model)([torch.from_numpy(s) for s in seqs]).numpy()
+    expected = reference_rewards(tmp_path, seqs)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    unwindowed = reference_rewards_without_window(tmp_path, seqs)
+    assert np.abs(unwindowed - expected).max() > 1e-3  # the window matters for these lengths
 
 
-def test_all_ones_mask_on_packed_rows_would_leak(model_and_seqs):
-    """The trap the packed layout avoids: with an all-ones attention mask transformers does not detect packed
-    rows from position_ids, and later sequences attend to earlier ones. Our comparison must catch that."""
-    model, seqs, expected = model_and_seqs
-    a, b = torch.as_tensor(seqs[2]), torch.as_tensor(seqs[3])
+def reference_rewards_without_window(path, seqs):
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, sliding_window=None).eval()
+    with torch.no_grad():
+        return np.stack([model(input_ids=torch.as_tensor(s)[None]).logits[0].numpy() for s in seqs])
+
+
+@pytest.mark.parametrize("layout,sharing", [("packed", True), ("packed", False), ("padded", False)])
+def test_step_scores_for_every_layout_with_tags_in_shared_prefixes(tmp_path_factory, layout, sharing):
+    """A PRM's step scores (softmax over two candidate tokens at every step tag) equal a plain causal-LM forward
+    in every layout; a tag inside a shared prefix is read for every sequence that contains it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reward_server.prm import StepTag
+
+    path = tmp_path_factory.mktemp("prm")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                 initializer_range=0.2, pad_token_id=0)).save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tag, good, bad = 7, 11, 12
+    rng = np.random.default_rng(5)
+
+    def steps(n):
+        return np.concatenate([np.append(rng.integers(20, 500, rng.integers(5, 30)), tag) for _ in range(n)])
+
+    solution = steps(3)
+    seqs = [np.concatenate([solution, steps(k)]) for k in (1, 2, 1)] + [solution.copy(), solution[:20].copy()]
+    seqs = [s for s in seqs if (s == tag).any()]
+    weight = model.lm_head.weight[[good, bad]]
+    readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([tag]))
+    batching = BatchingConfig(layout=layout, prefix_sharing=sharing, max_tokens_per_forward=256)
+    scorer = build_scorer(model, readout, batching, 0, torch.device("cpu"))
+    got = scorer([torch.from_numpy(s) for s in seqs]).numpy()
+    with torch.no_grad():
+        for row, s in zip(got, seqs):
+            logits = model(input_ids=torch.as_tensor(s)[None]).logits[0]
+            expected = logits[torch.as_tensor(s) == tag][:, [good, bad]].softmax(-1)[:, 0].numpy()
+            np.testing.assert_allclose(row[:len(expected)], expected, atol=1e-5, rtol=0)
+            assert (row[len(expected):] == 0).all()
+
+
+def test_all_ones_mask_on_packed_rows_would_leak(llama, llama_ckpt):
+    """The trap a packed layout must avoid: with an all-ones attention mask, later sequences attend to earlier ones
+    in the row. Our comparisons must catch that."""
+    rng = np.random.default_rng(1)
+    a, b = torch.as_tensor(rng.integers(4, 512, 300)), torch.as_tensor(rng.integers(4, 512, 17))
     ids = torch.cat([a, b])[None]
     positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]
     with torch.no_grad():
-        hidden = model.base_model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
+        hidden = llama.base_model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
                                   use_cache=False).last_hidden_state[0]
-        leaked = model.score(hidden[-1]).item()
-    assert abs(leaked - expected[3, 0]) > 1e-3
+        leaked = llama.score(hidden[-1]).item()
+    assert abs(leaked - reference_rewards(llama_ckpt, [b.numpy()])[0, 0]) > 1e-3
 
 
-def test_packing_and_micro_batches_respect_budget():
-    lengths = [int(n) for n in np.random.default_rng(0).integers(1, 300, 200)]
-    rows = pack(lengths, 1000)
-    assert sorted(i for r in rows for i in r) == list(range(200))
-    assert all(sum(lengths[i] for i in r) <= 1000 for r in rows)
-    assert sum(lengths) / (1000 * len(rows)) > 0.95  # first-fit decreasing leaves little room unused
-    for mb in micro_batches(lengths, 1000):
-        assert len(mb) == 1 or len(mb) * max(lengths[i] for i in mb) <= 1000
-
-
-def test_compiled_layers_match_plain_forward(model_and_seqs, llama_ckpt):
-    """model.compile=true: every decoder layer under torch.compile with dynamic shapes; forwards of several
-    lengths give the plain forward's rewards, from one compiled graph (no recompilation per length)."""
+def test_compiled_layers_do_not_recompile_after_the_warm_up(llama_ckpt):
+    """model.compile=true: the warm-up compiles every graph the forwards need (separate and shared sequences, several
+    lengths); later forwards of other lengths and sharing patterns compile nothing new and match the plain forward."""
     from torch._dynamo.utils import counters
 
     from reward_server.config import ModelConfig
     from reward_server.distributed import Topology
     from reward_server.model import load_pretrained
+    from reward_server.scoring.scorer import warm_up
 
-    _, seqs, expected = model_and_seqs
     topo = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
     model, _ = load_pretrained(AutoModelForSequenceClassification, ModelConfig(path=llama_ckpt, compile=True), topo)
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.base_model.layers)
-    scorer = PackedSequenceScorer(model, model.config.pad_token_id, 700, torch.device("cpu"), row_tokens=700)
+    scorer = scalar_scorer(model, budget=700)
     torch._dynamo.reset()
     counters.clear()
-    got = scorer([torch.as_tensor(s) for s in seqs]).numpy()  # forwards of several lengths
-    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    warm_up(scorer, model.config.vocab_size, 700)
+    after_warm_up = dict(counters["stats"])
+    cases = sharing_cases(seed=4)
+    seqs = [s for case in cases.values() for s in case][:40]
+    got = scorer([torch.from_numpy(s) for s in seqs]).numpy()
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, seqs), atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == after_warm_up["unique_graphs"], dict(counters["stats"])
+    assert 1 <= counters["stats"]["unique_graphs"] <= 3
+    assert not counters.get("recompile_limit"), dict(counters)
+
+
+def test_prm_load_and_warm_up_compile_once_per_shape_kind(tmp_path):
+    """A PRM with compiled layers: loading (its head check) runs the layers without a KV cache, so no per-layer cache
+    object makes the shared layer code recompile (the start-up recompile-limit warnings of a PRM server); after the
+    warm-up, forwards of new lengths and sharing patterns compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    from test_prm import save_checkpoint
+    from reward_server.config import ModelConfig, RewardConfig
+    from reward_server.distributed import Topology
+    from reward_server.prm import load_step_scorer
+    from reward_server.scoring.scorer import warm_up
+
+    ckpt = save_checkpoint(tmp_path, "LlamaForCausalLM", seed=3)
+    topo = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    scorer, _, config = load_step_scorer(ModelConfig(path=ckpt, compile=True), RewardConfig(kind="prm"),
+                                         BatchingConfig(max_tokens_per_forward=512), topo)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the head check: one graph, no cache
+    warm_up(scorer, config.vocab_size, 512)
+    graphs = counters["stats"]["unique_graphs"]
+    tag = scorer.readout.tag.ids
+    rng = np.random.default_rng(0)
+    prefix = np.concatenate([rng.integers(20, config.vocab_size, 40), tag])
+    seqs = [np.concatenate([prefix, rng.integers(20, config.vocab_size, n), tag]) for n in (3, 70, 150)]
+    scorer([torch.from_numpy(s) for s in seqs])
+    assert counters["stats"]["unique_graphs"] == graphs <= 2, dict(counters["stats"])

@@ -1,0 +1,84 @@
+"""The attention mask of a packed call (scoring/layout.py): token q sees token k when k <= q <= ends[k] (k is q or
+one of its ancestors in the row's trie) and, for sliding-window layers, when q is less than the window after k in
+their sequence. Passed to transformers as a ready 4D mask, which it uses as it is (no mask of its own, no
+packed-sequence detection and the host sync that comes with it):
+  flex_attention  a BlockMask: blocks with nothing to see are skipped, so long rows cost what their trie costs
+  sdpa            a dense boolean [R, 1, W, W] mask (memory and work grow with the row length squared)
+  eager           the same as an additive float mask
+Models with several kinds of attention layer (config.layer_types, e.g. Gemma2's sliding and full layers) get one
+mask per kind, keyed as the model looks them up.
+"""
+
+from typing import Dict, Optional
+
+import torch
+
+DENSE = ("sdpa", "eager")
+SUPPORTED = ("flex_attention",) + DENSE
+LAYER_WINDOWS = {"full_attention": False, "sliding_attention": True}
+
+
+def flex_block_size() -> int:
+    """flex_attention's block: rows padded to a multiple of it keep the number of shapes (and compilations) small."""
+    from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE
+
+    return _DEFAULT_SPARSE_BLOCK_SIZE
+
+
+def attention_windows(config) -> Dict[Optional[str], Optional[int]]:
+    """{layer type (None: the model takes one mask): sliding window in tokens or None} for a model config."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        unknown = sorted(set(types) - set(LAYER_WINDOWS))
+        if unknown:
+            raise ValueError(f"{type(config).__name__}: attention layer types {unknown} are not supported by the packed "
+                             "layout; set batching.layout=padded")
+        return {t: (window if LAYER_WINDOWS[t] else None) for t in set(types)}
+    if getattr(config, "use_sliding_window", True) is False:
+        window = None
+    return {None: window}
+
+
+class TreeMasks:
+    """Builds a packed call's attention mask for one model (attention implementation, dtype, windows)."""
+
+    def __init__(self, config, attn_implementation: str, dtype: torch.dtype):
+        if attn_implementation not in SUPPORTED:
+            raise ValueError(f"attention implementation {attn_implementation!r} cannot take the packed layout's "
+                             f"masks (supported: {', '.join(SUPPORTED)}); set batching.layout=padded")
+        self.impl = attn_implementation
+        self.dtype = dtype
+        self.windows = attention_windows(config)
+
+    def __call__(self, ends: torch.Tensor, positions: torch.Tensor):
+        """ends, positions: [R, W] on the model's device."""
+        masks = {}
+        for kind, window in self.windows.items():
+            masks[kind] = self._flex(ends, positions, window) if self.impl == "flex_attention" else \
+                self._dense(ends, positions, window)
+        return masks[None] if None in masks else masks
+
+    def _flex(self, ends: torch.Tensor, positions: torch.Tensor, window: Optional[int]):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if window is None:
+            def mask_mod(b, h, q, k):
+                return (k <= q) & (q <= ends[b, k])
+        else:
+            def mask_mod(b, h, q, k):
+                return (k <= q) & (q <= ends[b, k]) & (positions[b, q] - positions[b, k] < window)
+        rows, width = ends.shape
+        return create_block_mask(mask_mod, rows, None, width, width, device=ends.device, _compile=True)
+
+    def _dense(self, ends: torch.Tensor, positions: torch.Tensor, window: Optional[int]) -> torch.Tensor:
+        index = torch.arange(ends.shape[1], device=ends.device)
+        q, k = index[None, :, None], index[None, None, :]
+        allowed = (k <= q) & (q <= ends[:, None, :])
+        if window is not None:
+            allowed &= positions[:, :, None] - positions[:, None, :] < window
+        allowed = allowed[:, None]
+        if self.impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=ends.device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)
