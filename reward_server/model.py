@@ -77,12 +77,17 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     model.eval()
     if topo.rank == 0:
         log.info("model loaded in %.1f s", time.monotonic() - start)
+    return model, path
+
+
+def maybe_compile(model, cfg: ModelConfig, topo: Topology) -> None:
+    """model.compile (auto: CUDA and one rank per replica). Called once a loader's own checks have run, so that they
+    do not compile graphs the forwards never use."""
     use_compile = cfg.compile if cfg.compile is not None else (topo.device.type == "cuda" and topo.tp_size == 1)
     if use_compile:
         n = compile_layers(model)
         if topo.rank == 0:
             log.info("model.compile: %d decoder layers compiled with torch.compile (on first use: the warm-up)", n)
-    return model, path
 
 
 def compile_layers(model) -> int:
@@ -140,6 +145,7 @@ def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topolog
     if not hasattr(model, "score"):
         raise ValueError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification model")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    maybe_compile(model, cfg, topo)
     readout = LastToken(plain_head(model.score), model.config.num_labels)
     scorer = build_scorer(model, readout, batching, pad_token_id(model, tokenizer), topo.device)
     return scorer, tokenizer, model.config

@@ -27,11 +27,12 @@ def test_workload_and_inprocess_baselines(tmp_path, llama_ckpt):
     assert len(rows) == 40 and all(64 + 16 <= len(r["token_ids"]["content"][0].split()) <= 3072 for r in rows)
     report = tmp_path / "inprocess.json"
     run([BENCH / "inprocess.py", "--model", llama_ckpt, "--n", 12, "--chunk", 4, "--dense", "2x64",
-         "--budget", 4096, "--schedule", "chunk", "leader", "--json", report])
-    results = {r["name"]: r for r in json.load(open(report))}
+         "--budget", 4096, "--schedule", "chunk", "leader", "--sharing", "on", "off", "--json", report])
+    results = {r["name"]: r for r in json.load(open(report)) if "name" in r}
     assert results["dense 2x64"]["tokens_per_s"] > 0
-    workload = [r for name, r in results.items() if name.startswith("workload")]
+    workload = [r for r in results.values() if "calls" in r]
     assert {"packed", "padded"} == {r["name"].split()[1] for r in workload}
+    assert len(workload) == 6  # packed with and without sharing, padded; chunk and leader each
     assert {"chunk", "leader"} == {"leader" if r["name"].endswith("leader") else "chunk" for r in workload}
     sys.path.insert(0, str(BENCH))
     from workload import lengths
@@ -41,6 +42,26 @@ def test_workload_and_inprocess_baselines(tmp_path, llama_ckpt):
         expected = (3, 3) if not r["name"].endswith("leader") else (-(-total // 4096), total // 4096 + 3)
         assert expected[0] <= r["calls"] <= expected[1], (r, total)
     assert all(r["max_abs_diff_vs_plain"] < 1e-4 for r in workload)
+
+
+def test_shared_workloads_and_sharing_in_process(tmp_path, llama_ckpt):
+    """grpo and tree workloads: consecutive requests share prefixes; in-process forwards cut by the leader with
+    sharing need fewer forwards than without, with the same rewards."""
+    for kind, least in (("grpo", 1.5), ("tree", 3.0)):
+        out = run([BENCH / "workload.py", "--kind", kind, "--out", tmp_path / f"{kind}.json", "--n", 64,
+                   "--vocab", 512])
+        assert float(out.split("shared within each 64 consecutive requests: ")[1].split("x")[0]) > least, out
+    tagged = run([BENCH / "workload.py", "--kind", "tree", "--out", tmp_path / "t.json", "--n", 16, "--vocab", 512,
+                  "--step-tag", 7])
+    rows = json.load(open(tmp_path / "t.json"))["data"]
+    assert all(r["token_ids"]["content"][0].split()[-1] == "7" for r in rows), tagged
+    report = tmp_path / "inprocess.json"
+    run([BENCH / "inprocess.py", "--model", llama_ckpt, "--n", 48, "--dense", "2x64", "--budget", 2048,
+         "--layouts", "packed", "--schedule", "leader", "--workload", "grpo", "--sharing", "on", "off",
+         "--json", report])
+    rows = {r["name"].split(" sharing ")[1].split()[0]: r for r in json.load(open(report)) if "calls" in r}
+    assert rows["on"]["calls"] < rows["off"]["calls"] * 0.7, rows
+    assert rows["on"]["max_abs_diff_vs_plain"] < 1e-4
 
 
 def test_perf_analyzer_against_live_server(tmp_path, start_server, llama_ckpt):

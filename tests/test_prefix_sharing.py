@@ -1,0 +1,172 @@
+"""Prefix sharing end to end: real 2-rank servers (gloo, fp32) with TP=2 and DP=2, a scalar RM and a math-shepherd
+PRM. Every reward and step reward equals the sequence scored alone by plain transformers (1e-5), for GRPO groups,
+a 3-level candidate tree, a sequence that is a prefix of another, duplicates, a shared prefix longer than the token
+budget and sequences that share nothing; sent in one request, or as separate concurrent requests (a group split
+over requests), through token ids, text and the NeMo-Aligner contract. The engine's log shows fewer tokens computed
+than received."""
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from pytriton.client import ModelClient
+
+from conftest import Server, reference_rewards
+from test_prm import TAG, load_tokenizer, one_id, ref_lm_softmax, save_checkpoint
+from test_scoring import sharing_cases
+
+pytestmark = pytest.mark.timeout(600)
+BUDGET = 512  # tokens per forward: the 600-token shared prefix is longer
+
+
+def infer(url, name, rows, model="reward"):
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+    data = np.array([[r.encode() if isinstance(r, str) else r] for r in rows], dtype=object)
+    inp = httpclient.InferInput(name, list(data.shape), "BYTES")
+    inp.set_data_from_numpy(data)
+    result = client.infer(model, [inp])
+    errors = result.as_numpy("error")
+    assert all(e[0] == b"" for e in errors), errors
+    return {k: result.as_numpy(k) for k in ("rewards", "step_rewards") if result.get_output(k) is not None}
+
+
+def id_rows(seqs):
+    return [" ".join(map(str, s.tolist())) for s in seqs]
+
+
+def concurrently(url, requests, name="token_ids"):
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda rows: infer(url, name, rows), requests))
+
+
+def with_steps(cases, tag_id, every=25):
+    """The PRM server's cases: a step tag every `every` tokens and at the end (tags inside shared prefixes too)."""
+    out = {}
+    for name, seqs in cases.items():
+        tagged = []
+        for s in seqs:
+            s = s.copy()
+            s[every - 1::every] = tag_id
+            s[-1] = tag_id
+            tagged.append(s)
+        out[name] = tagged
+    return out
+
+
+SERVERS = {
+    "scalar-tp2": dict(kind="scalar", tp=2),
+    "scalar-dp2": dict(kind="scalar", tp=1),
+    "prm-dp2": dict(kind="prm", tp=1),
+}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def served(request, tmp_path_factory, llama_ckpt):
+    spec = SERVERS[request.param]
+    log_dir = tmp_path_factory.mktemp(request.param)
+    overrides = [f"parallel.tensor_parallel_size={spec['tp']}", f"batching.max_tokens_per_forward={BUDGET}",
+                 "batching.max_queue_delay_us=50000", "server.stats_log_s=0.5", f"model.cache_dir={log_dir}"]
+    if spec["kind"] == "prm":
+        ckpt = save_checkpoint(tmp_path_factory.mktemp("prm-ckpt"), "MistralForCausalLM", seed=6)
+        overrides += ["reward=math_shepherd", f"model.path={ckpt}"]
+        tok = load_tokenizer(ckpt)
+        tag, good, bad = one_id(tok, TAG), one_id(tok, "+"), one_id(tok, "-")
+        cases = with_steps(sharing_cases(seed=7, vocab=len(tok)), tag)
+
+        def reference(seqs):
+            return ref_lm_softmax(ckpt, seqs, tag, good, bad)
+    else:
+        ckpt = llama_ckpt
+        overrides.append(f"model.path={ckpt}")
+        cases = sharing_cases(seed=7)
+
+        def reference(seqs):
+            return list(reference_rewards(ckpt, seqs))
+    srv = Server(2, overrides, log_dir / "server.log")
+    try:
+        srv.wait_ready()
+        yield dict(srv=srv, kind=spec["kind"], ckpt=ckpt, cases=cases, reference=reference)
+    finally:
+        srv.stop()
+
+
+def check(out, expected, kind, name):
+    """out: one response's outputs; expected: per sequence a reward row (scalar) or step scores (PRM)."""
+    if kind == "scalar":
+        np.testing.assert_allclose(out["rewards"], np.stack(expected), atol=1e-5, rtol=0, err_msg=name)
+        return
+    for row, steps in zip(out["step_rewards"], expected):
+        np.testing.assert_allclose(row[:len(steps)], steps, atol=1e-5, rtol=0, err_msg=name)
+        assert np.isnan(row[len(steps):]).all()
+    np.testing.assert_allclose(out["rewards"][:, 0], [np.min(s) for s in expected], atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_every_case_matches_each_sequence_scored_alone(served):
+    srv, kind, cases = served["srv"], served["kind"], served["cases"]
+    names = list(cases)
+    seqs = [s for n in names for s in cases[n]]
+    expected = served["reference"](seqs)
+    # all cases in one request
+    out = infer(srv.url, "token_ids", id_rows(seqs))
+    at = 0
+    for name in names:
+        part = {k: v[at:at + len(cases[name])] for k, v in out.items()}
+        check(part, expected[at:at + len(cases[name])], kind, name)
+        at += len(cases[name])
+    # every sequence its own request, all at once: groups split over requests (and over Triton batches)
+    outs = concurrently(srv.url, [[r] for r in id_rows(seqs)])
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        check(o, [e], kind, f"request {i}")
+    # each case a request of its own, concurrently
+    outs = concurrently(srv.url, [id_rows(cases[n]) for n in names])
+    at = 0
+    for name, o in zip(names, outs):
+        check(o, expected[at:at + len(cases[name])], kind, name)
+        at += len(cases[name])
+
+
+def test_nemo_contract_and_text_share_too(served):
+    srv, kind, cases, ckpt = served["srv"], served["kind"], served["cases"], served["ckpt"]
+    group = cases["grpo group"]
+    expected = served["reference"](group)
+    tokens = np.zeros((len(group), max(map(len, group))), dtype=np.int64)
+    for i, s in enumerate(group):
+        tokens[i, :len(s)] = s
+    with ModelClient(srv.url, "reward_model", inference_timeout_s=120) as client:
+        out = client.infer_batch(tokens=tokens, sequence_lengths=np.array([[len(s)] for s in group], np.int64))
+    check(out, expected, kind, "nemo tokens")
+    # text: one prompt, several responses, each response its own request
+    tok = load_tokenizer(ckpt)
+    prompt = "Question: what is 12 + 30? Think step by step. " * 6
+    if kind == "prm":
+        texts = [prompt + f"Step 1: 12 + 30 = {40 + i} {TAG}\nStep 2: so the answer is {40 + i} {TAG}" for i in range(4)]
+        ids = [StepTagIds.encode(tok, t) for t in texts]
+    else:
+        texts = [prompt + f"Answer: {40 + i}, because {i} " * (i + 1) for i in range(4)]
+        ids = [tok(t)["input_ids"] for t in texts]
+    expected = served["reference"]([np.array(i) for i in ids])
+    outs = concurrently(srv.url, [[t] for t in texts], name="text")
+    for o, e in zip(outs, expected):
+        check(o, [e], kind, "text")
+
+
+class StepTagIds:
+    @staticmethod
+    def encode(tok, text):
+        """The server's tokenization of a PRM text: every tag occurrence is the tag's own id."""
+        from reward_server.prm import StepTag, text_token_ids
+
+        return StepTag(text_token_ids(tok, TAG), TAG).encode(tok, text, add_special_tokens=True)
+
+
+def test_log_counts_fewer_tokens_computed_than_received(served):
+    srv, cases = served["srv"], served["cases"]
+    seqs = cases["grpo group"] * 3  # six responses of one 200-token prompt, three times over
+    concurrently(srv.url, [[r] for r in id_rows(seqs)])
+    received = computed = 0
+    for line in re.findall(r"engine: .*", srv.log()):
+        m = re.search(r"(\d+) tokens received, (\d+) computed", line)
+        received, computed = received + int(m.group(1)), computed + int(m.group(2))
+    assert computed < 0.8 * received, (received, computed)
