@@ -10,26 +10,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import tritonclient.http as httpclient
 from pytriton.client import ModelClient
 
 from conftest import Server, reference_rewards
 from test_prm import TAG, load_tokenizer, one_id, ref_lm_softmax, save_checkpoint
+from test_prm import infer as prm_infer
 from test_scoring import sharing_cases
 
 pytestmark = pytest.mark.timeout(600)
 BUDGET = 512  # tokens per forward: the 600-token shared prefix is longer
 
 
-def infer(url, name, rows, model="reward"):
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
-    data = np.array([[r.encode() if isinstance(r, str) else r] for r in rows], dtype=object)
-    inp = httpclient.InferInput(name, list(data.shape), "BYTES")
-    inp.set_data_from_numpy(data)
-    result = client.infer(model, [inp])
-    errors = result.as_numpy("error")
-    assert all(e[0] == b"" for e in errors), errors
-    return {k: result.as_numpy(k) for k in ("rewards", "step_rewards") if result.get_output(k) is not None}
+def infer(url, name, rows):
+    """test_prm's call (rewards, step_rewards, ...; None where the model has no such output), every row scored."""
+    out = prm_infer(url, name, rows)
+    assert all(e[0] == b"" for e in out["error"]), out["error"]
+    return {k: v for k, v in out.items() if v is not None and k in ("rewards", "step_rewards")}
 
 
 def id_rows(seqs):

@@ -129,10 +129,3 @@ class Layout:
             positions = np.tile(np.arange(width, dtype=np.int64), (len(idx), 1))
             paths = [r * width + np.arange(len(seqs[i]), dtype=np.int64) for r, i in enumerate(idx)]
             yield Call(ids, positions, np.array(idx, dtype=np.int64), paths, int(mask.sum()), pad_mask=mask)
-
-    def computed_tokens(self, seqs: Sequence[np.ndarray]) -> int:
-        """Tokens a forward over `seqs` computes (its trie's size with sharing; padding not counted)."""
-        if not self.sharing or not seqs:
-            return sum(len(s) for s in seqs)
-        _, lcp = trie_order(seqs)
-        return sum(len(s) for s in seqs) - int(lcp.sum())
