@@ -177,26 +177,34 @@ def test_flex_attention_block_mask_on_the_cpu(llama_ckpt):
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, seqs), atol=1e-5, rtol=0)
 
 
-def test_sliding_window_models_get_the_window_in_the_tree_mask(tmp_path):
-    """A Mistral model whose window is shorter than its sequences: the tree mask applies it per sequence."""
-    from transformers import MistralConfig, MistralForSequenceClassification
+@pytest.mark.parametrize("arch", ["mistral", "qwen2-mixed"])
+def test_sliding_window_models_get_the_window_in_the_tree_mask(tmp_path, arch):
+    """Windows shorter than the sequences: Mistral's on every layer (one mask), Qwen2's on its upper layers only
+    (config.layer_types: one mask per kind of layer). The tree mask applies each per sequence."""
+    from transformers import (MistralConfig, MistralForSequenceClassification, Qwen2Config,
+                              Qwen2ForSequenceClassification)
 
-    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, sliding_window=48,
-                        num_labels=1, pad_token_id=0)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, sliding_window=48, num_labels=1, pad_token_id=0)
+    if arch == "mistral":
+        model = MistralForSequenceClassification(MistralConfig(**common))
+    else:
+        model = Qwen2ForSequenceClassification(Qwen2Config(**common, use_sliding_window=True, max_window_layers=1))
+        assert set(model.config.layer_types) == {"full_attention", "sliding_attention"}
     torch.manual_seed(0)
-    MistralForSequenceClassification(cfg).save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float32).eval()
     seqs = sharing_cases(seed=3)["grpo group"]
     got = scalar_scorer(model)([torch.from_numpy(s) for s in seqs]).numpy()
     expected = reference_rewards(tmp_path, seqs)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
-    unwindowed = reference_rewards_without_window(tmp_path, seqs)
+    no_window = dict(sliding_window=None) if arch == "mistral" else dict(layer_types=["full_attention"] * 2)
+    unwindowed = reference_rewards_without_window(tmp_path, seqs, **no_window)
     assert np.abs(unwindowed - expected).max() > 1e-3  # the window matters for these lengths
 
 
-def reference_rewards_without_window(path, seqs):
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, sliding_window=None).eval()
+def reference_rewards_without_window(path, seqs, **config):
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **config).eval()
     with torch.no_grad():
         return np.stack([model(input_ids=torch.as_tensor(s)[None]).logits[0].numpy() for s in seqs])
 

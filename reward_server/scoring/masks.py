@@ -34,7 +34,9 @@ def attention_windows(config) -> Dict[Optional[str], Optional[int]]:
         if unknown:
             raise ValueError(f"{type(config).__name__}: attention layer types {unknown} are not supported by the packed "
                              "layout; set batching.layout=padded")
-        return {t: (window if LAYER_WINDOWS[t] else None) for t in set(types)}
+        windows = {t: (window if LAYER_WINDOWS[t] else None) for t in set(types)}
+        # one kind of layer: one mask, which every model takes (a dict only those that look masks up by kind)
+        return {None: next(iter(windows.values()))} if len(windows) == 1 else windows
     if getattr(config, "use_sliding_window", True) is False:
         window = None
     return {None: window}
