@@ -178,15 +178,14 @@ def candidate_ids(cfg: RewardConfig, tokenizer, vocab_size: int) -> List[int]:
     return ids
 
 
-def step_head(cfg: RewardConfig, model, candidates: List[int]):
-    """The head applied at step positions, and what turns its output into a score. A causal LM's head is cut down
-    to the candidate tokens' rows (the vocabulary projection is never computed in full); a token-classification
-    head is used whole."""
+def step_head(cfg: RewardConfig, module, full_head, candidates: List[int]):
+    """The head applied at step positions, and what turns its output into a score. A token-classification head
+    (`full_head`, already a function of plain tensors) is used whole; a causal LM's head `module` is cut down to the
+    candidate tokens' rows, so the vocabulary projection is never computed in full."""
     if cfg.score == "classifier":
         label = cfg.positive_label
-        head = plain_head(model.score if hasattr(model, "score") else model.classifier)
-        return head, lambda logits: logits.softmax(-1)[:, label]
-    weight, bias = head_tensors(model.get_output_embeddings())
+        return full_head, lambda logits: logits.softmax(-1)[:, label]
+    weight, bias = head_tensors(module)
     rows = torch.tensor(candidates, dtype=torch.int64, device=weight.device)
     weight = weight[rows].contiguous()
     bias = bias[rows].contiguous() if bias is not None else None
@@ -224,15 +223,16 @@ def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, batching: Batchi
         if not 0 <= cfg.positive_label < model.config.num_labels:
             raise ValueError(f"reward.positive_label={cfg.positive_label} but the model has "
                              f"{model.config.num_labels} labels")
-        candidates, full_head = [], plain_head(model.score if hasattr(model, "score") else model.classifier)
+        candidates, module = [], model.score if hasattr(model, "score") else model.classifier
     else:
-        candidates, full_head = candidate_ids(cfg, tokenizer, vocab_size), plain_head(model.get_output_embeddings())
+        candidates, module = candidate_ids(cfg, tokenizer, vocab_size), model.get_output_embeddings()
+    full_head = plain_head(module)
     check_head(model, model.base_model, full_head, tag.ids + candidates + tag.ids, topo.device)
     maybe_compile(model, model_cfg, topo)  # after the check: its one-off shape compiles nothing
     if topo.rank == 0:
         log.info("process reward model: %s, score=%s, candidate token ids %s, aggregate=%s",
                  tag, cfg.score, candidates, cfg.aggregate)
-    head, read = step_head(cfg, model, candidates)
+    head, read = step_head(cfg, module, full_head, candidates)
     scorer = build_scorer(model, StepScores(head, read, tag), batching, pad_token_id(model, tokenizer), topo.device)
     return scorer, tokenizer, model.config
 
