@@ -17,6 +17,7 @@ setup(
         "numpy<2",
         "hydra-core==1.3.2",
         "tritonclient[all]==2.51.0",
+        "prometheus-client>=0.20",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
     entry_points={"console_scripts": ["reward-server=reward_server.cli:main"]},

@@ -13,14 +13,19 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed as d
 from . import faults, lifecycle
 from .config import ServeConfig, register_schema
-from .engine import Engine, Leader, run_subscriber
+from .engine import Engine, Leader, ShuttingDown, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
+from .metrics import Metrics
 from .model import load_scalar_scorer
 from .prm import StepDecoder, StepOutputs, load_step_scorer
 from .scoring.scorer import warm_up
-from .server import AUTO_INSTANCES, RewardService, ScalarOutputs, resolve_access_token, resolve_inference_token, start_triton
+from .server import (AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
+                     resolve_inference_token, start_triton)
 
 log = logging.getLogger("reward_server")
+
+AUTO_QUEUED_FORWARDS = 32  # batching.max_queued_tokens=null: this many forwards' token budgets
+DRAIN_POLL_S = 0.05  # while draining: how often to look whether every accepted request was answered
 
 
 def exit_with_launcher() -> None:
@@ -36,6 +41,7 @@ def exit_with_launcher() -> None:
 def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
     exit_with_launcher()
+    started = time.monotonic()
     if cfg.reward.kind not in ("scalar", "prm"):
         raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
     prm = cfg.reward.kind == "prm"
@@ -67,11 +73,17 @@ def serve(cfg: ServeConfig) -> int:
         return 0
 
     max_length = cfg.model.max_length or model_config.max_position_embeddings
-    rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation)
+    row_bytes = cfg.server.max_row_bytes or cfg.server.bytes_per_token * max_length
+    request_bytes = cfg.server.max_request_bytes or row_bytes * cfg.batching.max_batch_size
+    rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation, row_bytes, request_bytes)
     # on the CPU a forward runs to its end inside the launch: overlapping would only delay each answer by a forward
     overlap = cfg.batching.overlap and topo.device.type == "cuda"
-    leader = Leader(engine, cfg.parallel.heartbeat_s, cfg.batching.max_tokens_per_forward * topo.dp_size,
-                    overlap, cfg.server.stats_log_s, layout.sharing, layout.min_shared)
+    budget = cfg.batching.max_tokens_per_forward * topo.dp_size
+    queued = cfg.batching.max_queued_tokens
+    metrics = Metrics()
+    leader = Leader(engine, cfg.parallel.heartbeat_s, budget, overlap, cfg.server.stats_log_s, layout.sharing,
+                    layout.min_shared, AUTO_QUEUED_FORWARDS * budget if queued is None else queued, metrics)
+    metrics.watch_queue(leader)
     if prm:
         tag = scorer.readout.tag
         decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, tag, cfg.reward.max_steps)
@@ -79,10 +91,11 @@ def serve(cfg: ServeConfig) -> int:
     else:
         decoder = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens)
         outputs = ScalarOutputs(model_config.num_labels)
-    service = RewardService(leader, decoder, outputs)
+    service = RewardService(leader, decoder, outputs, metrics)
     instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
+    log.info(ready_line(cfg, time.monotonic() - started))
     draining = threading.Event()
 
     def drain(signum, _frame):
@@ -90,8 +103,14 @@ def serve(cfg: ServeConfig) -> int:
             return
         draining.set()
         log.info("signal %d: draining and shutting down", signum)
+
         def stop():
-            triton.stop()  # waits for requests already in flight; the leader is still serving them
+            # new requests get 503 at once, while Triton still answers them; those already accepted are scored
+            service.refusing = ShuttingDown("the reward server is shutting down; retry")
+            deadline = time.monotonic() + cfg.server.drain_timeout_s
+            while leader.queued_requests and time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+            triton.stop()  # waits for requests still in flight
             leader.close()
         threading.Thread(target=stop, name="shutdown", daemon=True).start()
 

@@ -99,6 +99,11 @@ class BatchingConfig:
     # back, so the GPU never waits for rank 0's Python between forwards. Rewards are the same either way. GPU only:
     # on the CPU a forward runs to its end when launched, so there is nothing to overlap.
     overlap: bool = True
+    # Overload: tokens of the requests at rank 0 not answered yet (queued or in a forward) beyond which a new request
+    # is refused at once with HTTP 503 / gRPC UNAVAILABLE (RemoteGPTRMClient backs off and retries), so that latency
+    # stays bounded instead of growing with the backlog. null = auto: 32 forwards' budgets (32 x
+    # max_tokens_per_forward x data-parallel replicas); 0: no limit. A request alone is never refused for its size.
+    max_queued_tokens: Optional[int] = None
     # Triton model instances per model: the batches that can be handed to rank 0 at once; with small batches
     # (preferred_batch_sizes) enough of them for the requests of several forwards. 0 = auto: 8 with CUDA, 2 on
     # the CPU (server.AUTO_INSTANCES).
@@ -115,7 +120,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
+    # Prometheus metrics: ours and Triton's (docs/operations.md, Metrics). Triton's own metrics endpoint moves to
+    # triton_metrics_port on the loopback (0: any free port); each scrape of metrics_port includes them.
     metrics_port: int = 8002
+    triton_metrics_port: int = 0
+    metrics_scrape_timeout_s: float = 2.0
     # Token for Triton's protected endpoints (model-repository, statistics, trace, logging, shared-memory). Read
     # from this environment variable, else from access_token_file, else generated and written to access_token_file
     # if that is set. Clients send it in the `triton-access-token` header. Never logged.
@@ -134,6 +143,17 @@ class ServerConfig:
     # Tries to start Triton before the rank gives up (PyTriton's start-up handshake can fail under CPU load).
     start_attempts: int = 3
     log_verbose: int = 0
+    # Triton's own info-level log (its option and model tables, per-model load lines); warnings and errors are
+    # always on.
+    triton_log_info: bool = False
+    # Size limits checked before a request is parsed or tokenized: a BYTES row (text, messages, token_ids,
+    # sentences) longer than max_row_bytes fails that row, a request whose BYTES inputs hold more than
+    # max_request_bytes fails whole (HTTP 400). null = auto: bytes_per_token x model.max_length per row, the row
+    # limit x batching.max_batch_size per request. A token of text is rarely more than a few bytes, so the auto
+    # limits refuse only what could never fit (or is far beyond what truncation keeps).
+    max_row_bytes: Optional[int] = None
+    max_request_bytes: Optional[int] = None
+    bytes_per_token: int = 16
     # Log the engine's counts (forwards, tokens per forward, tokens/s, busy share) this often; 0: only at exit.
     stats_log_s: float = 60.0
 

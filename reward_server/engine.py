@@ -21,6 +21,7 @@ from . import distributed as d
 from .distributed import Command, Topology
 from .scoring.layout import Layout
 from .scoring.trie import PrefixIndex
+from .statuses import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,16 @@ class RankFault(RuntimeError):
     """A rank cannot go on (out of memory): every rank exits non-zero so that torchrun restarts the group."""
 
 
-class ShuttingDown(RuntimeError):
+class ShuttingDown(Unavailable):
     """The server is draining and takes no new work."""
+
+
+class Overloaded(Unavailable):
+    """More tokens are queued than batching.max_queued_tokens: retry later."""
+
+
+class RanksFailed(Unavailable):
+    """The ranks' group broke (a rank died, hung or ran out of memory); torchrun restarts the server."""
 
 
 # Errors after which a rank's state cannot be trusted; anything else counts as a bad batch.
@@ -89,6 +98,7 @@ class Work:
         self.seqs = seqs
         self.fut = fut
         self.alone = alone  # only this work's sequences in its forwards (a retry that must not meet others)
+        self.n_tokens = sum(len(s) for s in seqs)
         self.untaken = deque(range(len(seqs)))
         self.rows: List[Optional[np.ndarray]] = [None] * len(seqs)
         self.missing = len(seqs)
@@ -153,8 +163,10 @@ class EngineStats:
     received and computed (fewer when sequences share prefixes), and the share of the time with a forward in
     flight (launched and its rewards not yet read back)."""
 
-    def __init__(self, interval_s: float):
+    def __init__(self, interval_s: float, metrics=None, budget: int = 0):
         self.interval_s = interval_s
+        self.metrics = metrics  # metrics.Metrics, or None
+        self.budget = budget
         self.busy_since: Optional[float] = None
         self._reset(time.monotonic())
 
@@ -172,6 +184,8 @@ class EngineStats:
         self.seqs += n_seqs
         self.tokens += n_tokens
         self.computed += n_computed
+        if self.metrics is not None:
+            self.metrics.forward(n_seqs, n_tokens, n_computed, self.budget)
         if idle_after and self.busy_since is not None:
             self.busy_s += time.monotonic() - self.busy_since
             self.busy_since = None
@@ -213,18 +227,22 @@ class Leader:
     Triton happened to batch the requests (a batch waiting behind a forward joins the next one)."""
 
     def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, overlap: bool = True,
-                 stats_interval_s: float = 0, sharing: bool = False, min_shared: int = 32):
+                 stats_interval_s: float = 0, sharing: bool = False, min_shared: int = 32,
+                 max_queued_tokens: int = 0, metrics=None):
         self.engine = engine
         self.heartbeat_s = heartbeat_s
         self.tokens_per_forward = tokens_per_forward  # tokens computed (after prefix sharing)
         self.sharing = sharing
         self.min_shared = min_shared
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
-        self.stats = EngineStats(stats_interval_s)
+        self.max_queued_tokens = max_queued_tokens  # 0: unbounded
+        self.queued_requests = self.queued_tokens = 0  # submitted and not answered yet
+        self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward)
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: Deque[Work] = deque()
         self._closed = threading.Event()
-        self._lock = threading.Lock()  # no submit slips in between closing and failing what is queued
+        self._lock = threading.RLock()  # no submit slips in between closing and failing what is queued (reentrant:
+        # failing a future under it runs its callback, which counts it out of the queue)
         self.failed: Optional[BaseException] = None
 
     def submit(self, seqs: List[torch.Tensor], alone: bool = False) -> Future:
@@ -232,13 +250,27 @@ class Leader:
         of their own (used to retry the requests of a failed forward one by one)."""
         fut: Future = Future()
         with self._lock:
+            n_tokens = sum(len(s) for s in seqs)
             if self._closed.is_set():
-                fut.set_exception(ShuttingDown("the reward server is shutting down"))
+                fut.set_exception(ShuttingDown("the reward server is shutting down; retry"))
             elif not seqs:
                 fut.set_result(np.zeros((0, 1), dtype=np.float32))
+            elif self.max_queued_tokens and self.queued_tokens and \
+                    self.queued_tokens + n_tokens > self.max_queued_tokens:
+                fut.set_exception(Overloaded(
+                    f"the reward server is overloaded ({self.queued_tokens} tokens queued, limit "
+                    f"{self.max_queued_tokens}); retry later"))
             else:
+                self.queued_requests += 1
+                self.queued_tokens += n_tokens
+                fut.add_done_callback(lambda _: self._dequeued(n_tokens))
                 self._queue.put(Work(seqs, fut, alone))
         return fut
+
+    def _dequeued(self, n_tokens: int) -> None:
+        with self._lock:
+            self.queued_requests -= 1
+            self.queued_tokens -= n_tokens
 
     def close(self) -> None:
         """Take no new work; `run` returns after the work already queued."""
@@ -280,7 +312,7 @@ class Leader:
             self.failed = exc
             with self._lock:
                 self._closed.set()
-                self._fail_pending(RuntimeError(f"reward ranks failed: {exc}"))
+                self._fail_pending(RanksFailed(f"reward ranks failed: {exc}; the server restarts"))
             raise
 
     def _take_queued(self, wait: bool) -> bool:

@@ -12,7 +12,7 @@ NeMo-Aligner compatible inputs:
 
 import json
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 
@@ -21,7 +21,14 @@ _ID_SEPARATORS = bytes.maketrans(b",[]", b"   ")
 
 
 class InputError(ValueError):
-    """A request that cannot be scored; the message names the row."""
+    """A request or a row that cannot be scored; the message names the row."""
+
+
+Row = Union[np.ndarray, InputError]  # a checked sequence, or why that row cannot be scored
+
+
+def good(rows: List[Row]) -> List[np.ndarray]:
+    return [r for r in rows if not isinstance(r, InputError)]
 
 
 @dataclass
@@ -29,6 +36,8 @@ class SequenceRules:
     vocab_size: int
     max_length: int
     truncation: str  # error | left | right
+    max_row_bytes: int  # a BYTES row (text, messages, token_ids) longer than this is refused before any parsing
+    max_request_bytes: int  # a request whose BYTES inputs hold more than this is refused whole
 
     def apply(self, ids: np.ndarray, row: int) -> np.ndarray:
         if ids.size == 0:
@@ -45,7 +54,25 @@ class SequenceRules:
         return ids
 
 
+def _per_row(values: list, fn) -> List[Row]:
+    """fn(value, row) for each row; an InputError from one row is that row's result, the others go on. A row
+    that already failed stays failed."""
+    out: List[Row] = []
+    for row, value in enumerate(values):
+        if isinstance(value, InputError):
+            out.append(value)
+            continue
+        try:
+            out.append(fn(value, row))
+        except InputError as exc:
+            out.append(exc)
+    return out
+
+
 class RequestDecoder:
+    """Each method returns one Row per request row; an error that concerns the whole request (wrong inputs,
+    shapes, size) raises InputError."""
+
     def __init__(self, tokenizer, rules: SequenceRules, add_special_tokens: bool):
         self.tokenizer = tokenizer
         self.rules = rules
@@ -57,32 +84,51 @@ class RequestDecoder:
             raise InputError(f"input {name!r} must have shape [batch, 1], got {list(value.shape)}")
         return value[:, 0]
 
-    def _strings(self, column: np.ndarray) -> List[str]:
-        out = []
-        for row, raw in enumerate(column):
-            raw = raw if isinstance(raw, bytes) else str(raw).encode()
+    def _raw(self, column: np.ndarray) -> List[Union[bytes, InputError]]:
+        """Each row's bytes, within the size limits (checked before anything reads the bytes)."""
+        raw = [r if isinstance(r, bytes) else str(r).encode() for r in column]
+        total, limit = sum(len(r) for r in raw), self.rules.max_request_bytes
+        if total > limit:
+            raise InputError(f"request of {total} bytes, more than the limit of {limit} (server.max_request_bytes)")
+        limit = self.rules.max_row_bytes
+
+        def within(r: bytes, row: int) -> bytes:
+            if len(r) > limit:
+                raise InputError(f"row {row}: {len(r)} bytes, more than the limit of {limit} (server.max_row_bytes)")
+            return r
+
+        return _per_row(raw, within)
+
+    def _strings(self, column: np.ndarray) -> List[Union[str, InputError]]:
+        def text(raw: bytes, row: int) -> str:
             try:
-                text = raw.decode("utf-8")
+                value = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InputError(f"row {row}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-            if not text:
+            if not value:
                 raise InputError(f"row {row}: empty text")
-            out.append(text)
-        return out
+            return value
+
+        return _per_row(self._raw(column), text)
 
     def _tokenize(self, texts: List[str], add_special_tokens: bool) -> List[np.ndarray]:
         encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return [np.asarray(ids, dtype=np.int64) for ids in encoded]
 
-    def _checked(self, seqs: List[np.ndarray]) -> List[np.ndarray]:
-        return [self.rules.apply(ids, row) for row, ids in enumerate(seqs)]
+    def _check(self, ids: np.ndarray, row: int) -> np.ndarray:
+        return self.rules.apply(ids, row)
 
-    def texts(self, texts: List[str]) -> List[np.ndarray]:
-        return self._checked(self._tokenize(texts, self.add_special_tokens))
+    def _tokenized(self, texts: List[Union[str, InputError]], add_special_tokens: bool) -> List[Row]:
+        """Tokenize the good rows in one call, then check each."""
+        ok = [t for t in texts if not isinstance(t, InputError)]
+        encoded = iter(self._tokenize(ok, add_special_tokens) if ok else [])
+        return _per_row([t if isinstance(t, InputError) else next(encoded) for t in texts], self._check)
 
-    def conversations(self, column: np.ndarray) -> List[np.ndarray]:
-        rendered = []
-        for row, text in enumerate(self._strings(column)):
+    def texts(self, texts: List[Union[str, InputError]]) -> List[Row]:
+        return self._tokenized(texts, self.add_special_tokens)
+
+    def conversations(self, column: np.ndarray) -> List[Row]:
+        def render(text: str, row: int) -> str:
             try:
                 messages = json.loads(text)
             except json.JSONDecodeError as exc:
@@ -91,21 +137,22 @@ class RequestDecoder:
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages)):
                 raise InputError(f"row {row}: messages must be a non-empty list of {{role, content}} strings")
-            rendered.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
-        # the template writes the special tokens itself
-        return self._checked(self._tokenize(rendered, add_special_tokens=False))
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
 
-    def id_strings(self, column: np.ndarray) -> List[np.ndarray]:
-        seqs = []
-        for row, raw in enumerate(column):
-            raw = raw if isinstance(raw, bytes) else str(raw).encode()
+        # the template writes the special tokens itself
+        return self._tokenized(_per_row(self._strings(column), render), add_special_tokens=False)
+
+    def id_strings(self, column: np.ndarray) -> List[Row]:
+        def parse(raw: bytes, row: int) -> np.ndarray:
             try:  # numpy parses the decimal fields in C: ~5x faster than int() per field
-                seqs.append(np.array(raw.translate(_ID_SEPARATORS).split(), dtype=np.int64))
+                ids = np.array(raw.translate(_ID_SEPARATORS).split(), dtype=np.int64)
             except (ValueError, OverflowError):
                 raise InputError(f"row {row}: token_ids must be integers separated by spaces or commas") from None
-        return self._checked(seqs)
+            return self._check(ids, row)
 
-    def native(self, request) -> List[np.ndarray]:
+        return _per_row(self._raw(column), parse)
+
+    def native(self, request) -> List[Row]:
         present = [name for name in NATIVE_INPUTS if name in request]
         if len(present) != 1:
             raise InputError(f"send exactly one of {', '.join(NATIVE_INPUTS)}; got {present or 'none'}")
@@ -117,7 +164,7 @@ class RequestDecoder:
             return self.conversations(column)
         return self.id_strings(column)
 
-    def nemo(self, request) -> List[np.ndarray]:
+    def nemo(self, request) -> List[Row]:
         if "sentences" in request:
             if "tokens" in request:
                 raise InputError("send either sentences or tokens, not both")
@@ -135,9 +182,11 @@ class RequestDecoder:
         lengths = np.asarray(lengths).reshape(-1)
         if lengths.shape[0] != tokens.shape[0]:
             raise InputError(f"sequence_lengths has {lengths.shape[0]} rows, tokens has {tokens.shape[0]}")
-        seqs = []
-        for row, (ids, n) in enumerate(zip(tokens, lengths)):
+
+        def row_ids(row_n, row: int) -> np.ndarray:
+            ids, n = row_n
             if not 1 <= n <= tokens.shape[1]:
                 raise InputError(f"row {row}: sequence_lengths {int(n)} outside [1, {tokens.shape[1]}]")
-            seqs.append(ids[: int(n)].astype(np.int64))
-        return self._checked(seqs)
+            return self._check(ids[: int(n)].astype(np.int64), row)
+
+        return _per_row(list(zip(tokens, lengths)), row_ids)

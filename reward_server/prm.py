@@ -202,9 +202,18 @@ def check_head(model, backbone, head, probe: List[int], device: torch.device) ->
     """The scorer applies `head` to the backbone's hidden states itself (to skip the vocabulary projection
     everywhere but at the steps); refuse a model whose own logits are something else (e.g. soft-capped)."""
     ids = torch.tensor([probe], device=device)
-    with torch.no_grad():  # no KV cache: a cache object per layer would make compiled layers recompile
-        full = model(input_ids=ids, use_cache=False).logits.float()
-        fast = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+    # sdpa for the probe: flex_attention compiles on first use, and compiling it (and its block mask) for a
+    # few-token eager forward cost start-up seconds and a recompile in the warm-up, for shapes no forward uses
+    attn = model.config._attn_implementation
+    if attn == "flex_attention":
+        model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():  # no KV cache: a cache object per layer would make compiled layers recompile
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            fast = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+    finally:
+        if attn == "flex_attention":
+            model.set_attn_implementation(attn)
     if not torch.allclose(fast, full, rtol=1e-2, atol=1e-2):
         raise ValueError(f"{type(model).__name__}: its logits are not its head applied to the last hidden state "
                          f"(max difference {(fast - full).abs().max().item():.3g}); this model is not supported")
@@ -239,7 +248,7 @@ def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, batching: Batchi
 
 class StepDecoder(RequestDecoder):
     """The usual request decoding, with text tokenized so that every tag occurrence is the tag's ids, and a
-    per-request error for a sequence with no step or more than `max_steps`."""
+    row error for a sequence with no step or more than `max_steps`."""
 
     def __init__(self, tokenizer, rules, add_special_tokens: bool, tag: StepTag, max_steps: int):
         super().__init__(tokenizer, rules, add_special_tokens)
@@ -249,14 +258,14 @@ class StepDecoder(RequestDecoder):
     def _tokenize(self, texts: List[str], add_special_tokens: bool) -> List[np.ndarray]:
         return [np.asarray(self.tag.encode(self.tokenizer, t, add_special_tokens), dtype=np.int64) for t in texts]
 
-    def _checked(self, seqs: List[np.ndarray]) -> List[np.ndarray]:
-        seqs = super()._checked(seqs)
-        for row, n in enumerate(self.tag.counts(seqs).tolist()):
-            if n == 0:
-                raise InputError(f"row {row}: no step found: the sequence must contain the {self.tag}")
-            if n > self.max_steps:
-                raise InputError(f"row {row}: {n} steps, more than reward.max_steps={self.max_steps}")
-        return seqs
+    def _check(self, ids: np.ndarray, row: int) -> np.ndarray:
+        ids = super()._check(ids, row)
+        n = int(self.tag.counts([ids])[0])
+        if n == 0:
+            raise InputError(f"row {row}: no step found: the sequence must contain the {self.tag}")
+        if n > self.max_steps:
+            raise InputError(f"row {row}: {n} steps, more than reward.max_steps={self.max_steps}")
+        return ids
 
 
 class StepOutputs:

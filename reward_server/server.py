@@ -6,10 +6,11 @@ Two models share one engine:
                                                    changes the URL
 Both answer `rewards` FP32 [batch, num_labels] and `error` BYTES [batch, 1] ("" when the row was scored);
 with reward.kind=prm, `rewards` [batch, 1] plus `step_rewards` and `num_steps` (prm.StepOutputs, docs/prm.md).
-A request that fails its checks gets NaN rewards and its message in `error`, and the other requests of the
-same dynamic batch are scored as usual; when every request of a batch is bad the whole call fails with the
-message (HTTP 500; PyTriton can only fail a whole batch). A forward that fails alike on every rank (a request
-that slipped past the checks) is retried one request at a time, so only the bad request fails.
+Errors are per row: a row that fails its checks gets NaN and its reason in `error`, the request's other rows
+are scored. A request with no row left to score gets a status of its own (statuses.py: HTTP 400 / gRPC
+INVALID_ARGUMENT with a one-line reason for input errors), the same whether Triton batched it with others or
+not. A forward that fails alike on every rank (input that slipped past the checks) is retried apart, request by
+request and then row by row, so that only the bad rows fail.
 """
 
 import logging
@@ -18,14 +19,16 @@ import secrets
 import socket
 import sysconfig
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import torch
 
 from .config import ServeConfig
 from .engine import ForwardError, Leader, ShuttingDown
-from .inputs import InputError, RequestDecoder
+from .inputs import InputError, RequestDecoder, Row, good
+from . import statuses, triton_logs
+from .statuses import Unavailable, code_of, failure
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,15 @@ def resolve_inference_token(cfg: ServeConfig) -> Optional[str]:
     return token
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def wait_for_ports(host: str, ports: List[int], timeout_s: float) -> None:
     """After a restart the previous server may hold our ports for a moment; wait for them rather than fail."""
     deadline = time.monotonic() + timeout_s
@@ -116,11 +128,47 @@ class ScalarOutputs:
         return {"rewards": np.full((n, self.width), np.nan, dtype=np.float32)}
 
 
+def merge_rows(n: int, at: List[int], scored: dict, failed: dict) -> dict:
+    """Arrays of n rows: the scored rows at indices `at`, the failed rows' values elsewhere (columns padded with
+    NaN, or 0 for integers, where the two differ in width)."""
+    out = {}
+    for key, values in scored.items():
+        fill = failed[key]
+        width = max(values.shape[1], fill.shape[1])
+        pad = np.nan if np.issubdtype(values.dtype, np.floating) else 0
+        merged = np.full((n, width), pad, dtype=values.dtype)
+        merged[:, : fill.shape[1]] = fill
+        merged[at] = pad
+        merged[at, : values.shape[1]] = values
+        out[key] = merged
+    return out
+
+
+def row_failure(excs: List[BaseException]) -> BaseException:
+    """One error for a request none of whose rows could be scored: an input error when every row's is, else a
+    server fault (or Unavailable); the message names the first rows."""
+    shown = "; ".join(str(e) for e in excs[:MESSAGE_ROWS])
+    if len(excs) > MESSAGE_ROWS:
+        shown += f"; and {len(excs) - MESSAGE_ROWS} more rows"
+    if all(isinstance(e, InputError) for e in excs):
+        return InputError(shown)
+    return next((type(e)(shown) for e in excs if isinstance(e, Unavailable)), ForwardError(shown))
+
+
+MESSAGE_ROWS = 3  # rows named in the message of a request whose every row failed
+
+
 class RewardService:
-    def __init__(self, leader: Leader, decoder: RequestDecoder, outputs):
+    """The infer functions. They never raise (PyTriton would fail the whole Triton batch with a traceback): each
+    request gets its rewards, with NaN and a reason in `error` for each row that could not be scored, or, when
+    no row of it could be, a status of its own (statuses.py: 400 for input errors, 503 to retry, 500)."""
+
+    def __init__(self, leader: Leader, decoder: RequestDecoder, outputs, metrics=None):
         self.leader = leader
         self.decoder = decoder
         self.outputs = outputs  # ScalarOutputs or prm.StepOutputs
+        self.metrics = metrics  # metrics.Metrics, or None
+        self.refusing: Optional[Unavailable] = None  # set while draining: new requests get 503 at once
 
     def infer_native(self, requests) -> List[dict]:
         return self._infer(requests, self.decoder.native)
@@ -129,20 +177,44 @@ class RewardService:
         return self._infer(requests, self.decoder.nemo)
 
     def _infer(self, requests, decode: Callable) -> List[dict]:
-        decoded = [self._decode(decode, request) for request in requests]
-        good = [d for d in decoded if not isinstance(d, InputError)]
-        scored = iter(self._score(good) if good else [])
-        results = [d if isinstance(d, InputError) else next(scored) for d in decoded]
-        if all(isinstance(r, Exception) for r in results):  # nothing to answer: fail the call with the reasons
-            raise InputError("; ".join(str(r) for r in results))
-        responses = []
-        for request, seqs, r in zip(requests, decoded, results):
-            if isinstance(r, Exception):
-                n = _batch_size(request)
-                responses.append({**self.outputs.failed(n), "error": np.full((n, 1), str(r).encode(), dtype=object)})
-            else:
-                responses.append({**self.outputs.scored(r, seqs), "error": np.full((len(r), 1), b"", dtype=object)})
-        return responses
+        try:
+            if self.refusing is not None:
+                raise self.refusing
+            decoded = [self._decode(decode, request) for request in requests]
+            batches = [good(rows) for rows in decoded if not isinstance(rows, InputError)]
+            scored = iter(self._score(batches))
+            return [self._failure(rows) if isinstance(rows, InputError) else self._response(rows, next(scored))
+                    for rows in decoded]
+        except Exception as exc:  # shutting down, ranks failed, or our own bug: every request of the batch
+            if code_of(exc) == statuses.INTERNAL:
+                log.exception("a batch of %d request(s) failed", len(requests))
+            return [self._failure(exc) for _ in requests]
+
+    def _failure(self, exc: BaseException) -> dict:
+        self._count(code_of(exc))
+        return failure(exc)
+
+    def _count(self, code: str, n: int = 1) -> None:
+        if self.metrics is not None and n:
+            self.metrics.error(statuses.KINDS[code], n)
+
+    def _response(self, rows: List[Row], results: list) -> dict:
+        """One request's response: `rows` as decoded, `results` (a reward row or an exception) for its good rows."""
+        results = iter(results)
+        outcome = [r if isinstance(r, InputError) else next(results) for r in rows]
+        outcome = [type(r)(f"row {i}: {r}") if isinstance(r, BaseException) and not isinstance(r, InputError) else r
+                   for i, r in enumerate(outcome)]
+        excs = [r for r in outcome if isinstance(r, BaseException)]
+        if len(excs) == len(rows):
+            return self._failure(row_failure(excs))
+        for exc in excs:
+            self._count(code_of(exc))
+        at = [i for i, r in enumerate(outcome) if not isinstance(r, BaseException)]
+        scored = self.outputs.scored(np.stack([outcome[i] for i in at]), [rows[i] for i in at])
+        response = merge_rows(len(rows), at, scored, self.outputs.failed(len(rows)))
+        errors = [str(r).encode() if isinstance(r, BaseException) else b"" for r in outcome]
+        response["error"] = np.array(errors, dtype=object).reshape(-1, 1)
+        return response
 
     def _decode(self, decode: Callable, request):
         try:
@@ -153,27 +225,29 @@ class RewardService:
             log.exception("decoding a request failed")
             return InputError(f"bad request: {type(exc).__name__}: {exc}")
 
-    def _score(self, good: List[List[np.ndarray]], alone: bool = False) -> list:
-        """Rewards for each request's sequences, one array per request. The leader may put them in forwards with
-        other requests' sequences; when such a forward fails alike on the ranks (a request that slipped past the
-        checks), score each request again in forwards of its own, so that only the bad one fails."""
-        seqs = [torch.from_numpy(ids) for d in good for ids in d]
+    def _score(self, batches: List[List[np.ndarray]], alone: bool = False) -> List[list]:
+        """Each batch's rewards, one row per sequence. The leader may put them in forwards with other batches'
+        sequences; when such a forward fails alike on the ranks (input that slipped past the checks), score each
+        batch again in forwards of its own, then each sequence of a failing batch alone, so that only the bad
+        sequences fail (with ForwardError)."""
+        seqs = [torch.from_numpy(ids) for b in batches for ids in b]
+        if not seqs:
+            return [[] for _ in batches]
         try:
             rewards = self.leader.submit(seqs, alone=alone).result()
         except ForwardError as exc:
-            if alone and len(good) == 1:
-                return [exc]
-            log.warning("a forward with %d request(s) failed (%s); scoring them one at a time", len(good), exc)
-            return [self._score([d], alone=True)[0] for d in good]
+            if len(seqs) == 1:
+                return [[exc] if b else [] for b in batches]
+            log.warning("a forward of %d request(s), %d sequence(s) failed (%s); scoring them apart", len(batches),
+                        len(seqs), exc)
+            if len(batches) > 1:
+                return [self._score([b], alone=True)[0] for b in batches]
+            return [[self._score([[ids]], alone=True)[0][0] for ids in batches[0]]]
         results, at = [], 0
-        for d in good:
-            results.append(rewards[at:at + len(d)])
-            at += len(d)
+        for b in batches:
+            results.append(list(rewards[at:at + len(b)]))
+            at += len(b)
         return results
-
-
-def _batch_size(request) -> int:
-    return max((np.asarray(v).shape[0] for v in request.values() if np.ndim(v) > 0), default=1)
 
 
 def restrictions(access_token: str, inference_token: Optional[str]) -> List[str]:
@@ -212,17 +286,20 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
 
     ensure_python_library_path()
     s, b = cfg.server, cfg.batching
+    triton_logs.quiet(s.triton_log_info)
     wait_for_ports(s.host, [s.http_port, s.grpc_port, s.metrics_port], s.port_wait_s)
+    triton_metrics_port = s.triton_metrics_port or free_port(LOOPBACK)
     restricted = restrictions(access_token, inference_token)
     triton = Triton(
         config=TritonConfig(
             http_address=s.host, http_port=s.http_port, grpc_address=s.host, grpc_port=s.grpc_port,
-            metrics_address=s.host, metrics_port=s.metrics_port, log_verbose=s.log_verbose,
+            metrics_address=LOOPBACK, metrics_port=triton_metrics_port, log_verbose=s.log_verbose,
             exit_timeout_secs=s.drain_timeout_s, http_restricted_api=restricted, grpc_restricted_protocol=restricted,
         ),
         # We pass the restrictions ourselves (PyTriton's own take one group only); its client calls use the token.
         security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=[]),
     )
+    triton_logs.set_log_info(triton, s.triton_log_info)
     # Triton refuses a model whose preferred batch size exceeds its max batch size: cap them
     preferred = sorted({min(p, b.max_batch_size) for p in b.preferred_batch_sizes})
     log.info("Triton: %d model instances per model, batches of up to %d sequences (preferred %s), %d us delay",
@@ -236,13 +313,14 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
     )
     outputs = [Tensor(name=n, dtype=t, shape=shape) for n, t, shape in service.outputs.specs]
     outputs.append(Tensor(name="error", dtype=bytes, shape=(1,)))
+    statuses.install()
     triton.bind(
         model_name=s.model_name,
         infer_func=[service.infer_native] * instances,
         inputs=[Tensor(name=n, dtype=bytes, shape=(1,), optional=True) for n in ("text", "messages", "token_ids")],
         outputs=outputs,
         config=model_config,
-        strict=True,
+        strict=False,  # the statuses' keys (statuses.py) are not model outputs
     )
     if s.nemo_model_name:
         triton.bind(
@@ -255,7 +333,7 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
             ],
             outputs=outputs,
             config=model_config,
-            strict=True,
+            strict=False,  # the statuses' keys (statuses.py) are not model outputs
         )
     try:
         triton.run()
@@ -264,6 +342,15 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
         service.leader.reject_queued(ShuttingDown("the reward server is restarting its endpoint; retry"))
         triton.stop()
         raise
-    log.info("serving models %s on http://%s:%d (grpc %d, metrics %d)",
-             [m for m in (s.model_name, s.nemo_model_name) if m], s.host, s.http_port, s.grpc_port, s.metrics_port)
+    if service.metrics is not None:
+        service.metrics.serve(s.host, s.metrics_port, f"http://{LOOPBACK}:{triton_metrics_port}/metrics",
+                              s.metrics_scrape_timeout_s)
     return triton
+
+
+def ready_line(cfg: ServeConfig, seconds: float) -> str:
+    s = cfg.server
+    models = " and ".join(f"http://{s.host}:{s.http_port}/v2/models/{m}/infer" for m in (s.model_name, s.nemo_model_name)
+                          if m)
+    return (f"ready after {seconds:.0f} s: {models}; gRPC {s.host}:{s.grpc_port}; "
+            f"metrics http://{s.host}:{s.metrics_port}/metrics")

@@ -1,0 +1,72 @@
+"""The server's metrics in Prometheus' text format, on server.metrics_port, beside Triton's own.
+
+prometheus-client serves the port; Triton's metrics (request counts and queue times per model, ...) move to
+server.triton_metrics_port on the loopback, and each scrape of ours includes them (TritonMetrics), so one port has
+both. Ours: queue depth (requests, tokens) at rank 0, forwards and how full they were, tokens received and
+computed (fewer with prefix sharing), errors by kind; tokens/s is rate(reward_server_tokens_received_total[1m]).
+"""
+
+import logging
+import urllib.request
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+FILL_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 2.0)  # tokens computed per forward / budget (> 1: one long sequence)
+
+
+class TritonMetrics:
+    """A collector that reads Triton's own metrics at each scrape."""
+
+    def __init__(self, url: str, timeout_s: float):
+        self.url = url
+        self.timeout_s = timeout_s
+
+    def collect(self):
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            log.debug("Triton's metrics unavailable: %s", exc)
+            return
+        yield from text_string_to_metric_families(text)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queued_requests = Gauge("reward_server_queue_requests", "Requests at rank 0 not answered yet",
+                                     registry=r)
+        self.queued_tokens = Gauge("reward_server_queue_tokens", "Tokens of the requests at rank 0 not answered yet",
+                                   registry=r)
+        self.forwards = Counter("reward_server_forwards", "Forwards run", registry=r)
+        self.sequences = Counter("reward_server_sequences", "Sequences scored", registry=r)
+        self.received = Counter("reward_server_tokens_received", "Tokens of the scored sequences", registry=r)
+        self.computed = Counter("reward_server_tokens_computed",
+                                "Tokens computed (received minus those of shared prefixes computed once)", registry=r)
+        self.fill = Histogram("reward_server_forward_fill", "Tokens computed per forward / the forward's token budget",
+                              buckets=FILL_BUCKETS, registry=r)
+        self.errors = Counter("reward_server_errors", "Failed requests and rows, by kind: input (HTTP 400 or a row's "
+                              "error), unavailable (503), internal (500)", ["kind"], registry=r)
+
+    def watch_queue(self, leader) -> None:
+        self.queued_requests.set_function(lambda: leader.queued_requests)
+        self.queued_tokens.set_function(lambda: leader.queued_tokens)
+
+    def forward(self, n_seqs: int, n_tokens: int, n_computed: int, budget: int) -> None:
+        self.forwards.inc()
+        self.sequences.inc(n_seqs)
+        self.received.inc(n_tokens)
+        self.computed.inc(n_computed)
+        if budget:
+            self.fill.observe(n_computed / budget)
+
+    def error(self, kind: str, n: int = 1) -> None:
+        self.errors.labels(kind).inc(n)
+
+    def serve(self, host: str, port: int, triton_url: str, timeout_s: float) -> None:
+        self.registry.register(TritonMetrics(triton_url, timeout_s))
+        start_http_server(port, addr=host, registry=self.registry)
