@@ -19,6 +19,7 @@ from .metrics import Metrics
 from .model import load_scalar_scorer
 from .prm import StepDecoder, StepOutputs, load_step_scorer
 from .scoring.scorer import warm_up
+from .watchdog import Watchdog
 from .server import (AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
                      resolve_inference_token, start_triton)
 
@@ -63,11 +64,13 @@ def serve(cfg: ServeConfig) -> int:
     if faults.enabled(cfg.fault_injection):
         scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
     engine = Engine(scorer, topo, layout)
+    peers = d.peer_processes()
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         run_subscriber(engine)
+        d.say_goodbye()
         d.shutdown()
         log.info("rank %d exited cleanly", topo.rank)
         return 0
@@ -92,6 +95,8 @@ def serve(cfg: ServeConfig) -> int:
         decoder = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens)
         outputs = ScalarOutputs(model_config.num_labels)
     service = RewardService(leader, decoder, outputs, metrics)
+    watchdog = Watchdog(leader, service, cfg.parallel.timeout_s, peers)
+    watchdog.start()
     instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
@@ -118,10 +123,12 @@ def serve(cfg: ServeConfig) -> int:
     signal.signal(signal.SIGINT, drain)
     try:
         leader.run()
-    except BaseException:
+    except BaseException as exc:
         log.exception("the reward ranks failed; exiting")
-        triton.stop()
+        watchdog.exit_after_failure(exc)  # does not return
         return 1
+    for watcher in watchdog.peer_watchers:  # the subscribers' goodbyes
+        watcher.join(timeout=cfg.parallel.heartbeat_s)
     d.shutdown()
     log.info("rank 0 exited cleanly")
     return 0

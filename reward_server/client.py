@@ -468,7 +468,7 @@ class RemoteGPTRMClient:
         if status != 200:
             text = _error_text(data)
             cls, message = server_reason(text)
-            if cls == "InputError":
+            if status == 400 or cls == "InputError":  # 400: every row of the request failed the server's checks
                 raise _input_error(message, start, n)
             raise RewardServerError(f"{self.url} failed {what} (HTTP {status}): {message}", None, message)
         result = _Codec.parse_response_body(data, header_length=header_length)

@@ -13,10 +13,11 @@ import contextlib
 import datetime
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,9 @@ class Topology:
 
 
 _control_group = None
+_watch_group = None  # watchdog.py: subscribers send their goodbye here; nothing else uses it
+GOODBYE = 1
+WATCH_TIMEOUT = datetime.timedelta(days=365)  # the watch receives wait as long as the ranks live
 
 
 def init_distributed(cfg: ParallelConfig) -> Topology:
@@ -86,6 +90,8 @@ def init_distributed(cfg: ParallelConfig) -> Topology:
     # than a few heartbeats means rank 0 is gone.
     control_timeout = datetime.timedelta(seconds=max(cfg.timeout_s, 3 * cfg.heartbeat_s))
     _control_group = dist.new_group(backend="gloo", timeout=control_timeout)
+    global _watch_group
+    _watch_group = dist.new_group(backend="gloo", timeout=WATCH_TIMEOUT)
     return Topology(rank=dist.get_rank(), world_size=world, tp_size=tp, dp_size=world // tp, device=device)
 
 
@@ -154,6 +160,44 @@ def broadcast_batch(seqs: Optional[List[torch.Tensor]], n_seqs: int, n_tokens: i
     if seqs is None:
         sizes = lengths.tolist()
     return list(torch.split(flat, sizes))
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+def peer_processes() -> Dict[int, Tuple[str, int]]:
+    """Every rank's (host, pid), gathered on every rank (collective)."""
+    mine = (hostname(), os.getpid())
+    if dist.get_world_size() == 1:
+        return {0: mine}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine, group=_control_group)
+    return dict(enumerate(gathered))
+
+
+def watch_peers(on_lost: Callable[[int, BaseException], None]) -> List[threading.Thread]:
+    """Rank 0: a thread per subscriber waits for its goodbye on the watch group; `on_lost(rank, error)` when the
+    wait fails instead (the peer's process is gone). Returns the threads (they end with the goodbyes)."""
+    threads = []
+    for rank in range(1, dist.get_world_size()):
+        def wait(rank=rank):
+            box = torch.zeros(1, dtype=torch.int64)
+            try:
+                dist.irecv(box, src=rank, group=_watch_group).wait()
+            except Exception as exc:  # noqa: BLE001 - any failure of the wait means the peer is gone
+                on_lost(rank, exc)
+        threads.append(threading.Thread(target=wait, name=f"watch-rank-{rank}", daemon=True))
+        threads[-1].start()
+    return threads
+
+
+def say_goodbye() -> None:
+    """A subscriber leaving cleanly tells rank 0's watcher, so that its exit is not taken for a failure."""
+    try:
+        dist.send(torch.tensor([GOODBYE], dtype=torch.int64), dst=0, group=_watch_group)
+    except Exception:  # noqa: BLE001 - rank 0 already gone: nobody to tell
+        log.warning("rank 0 is gone; leaving without a goodbye")
 
 
 def reduce_to_leader(values: torch.Tensor) -> torch.Tensor:

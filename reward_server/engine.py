@@ -6,12 +6,13 @@ caller's future once all of its sequences are scored. Subscribers run
 `run_subscriber` until rank 0 sends SHUTDOWN.
 """
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Deque, List, Optional, Tuple
 
 import numpy as np
@@ -244,6 +245,8 @@ class Leader:
         self._lock = threading.RLock()  # no submit slips in between closing and failing what is queued (reentrant:
         # failing a future under it runs its callback, which counts it out of the queue)
         self.failed: Optional[BaseException] = None
+        self.finished = False  # run() returned after SHUTDOWN
+        self._launches: Deque[float] = deque()  # launch times of the forwards not finished yet (watchdog.py)
 
     def submit(self, seqs: List[torch.Tensor], alone: bool = False) -> Future:
         """Rewards [len(seqs), width] as a numpy array, in a future. `alone`: score these sequences in forwards
@@ -308,11 +311,14 @@ class Leader:
                     break
             self.stats.log()
             d.send_header(Command.SHUTDOWN)
+            self.finished = True
         except BaseException as exc:  # a collective failed or a rank faulted: the group is broken, fail everything
             self.failed = exc
             with self._lock:
                 self._closed.set()
-                self._fail_pending(RanksFailed(f"reward ranks failed: {exc}; the server restarts"))
+                # the callers get the cause in a line; a collective's own text (file paths, addresses) stays in the log
+                cause = str(exc) if isinstance(exc, RankFault) else f"a collective failed ({type(exc).__name__})"
+                self._fail_pending(RanksFailed(f"reward ranks failed: {cause}; the server restarts"))
             raise
 
     def _take_queued(self, wait: bool) -> bool:
@@ -332,7 +338,33 @@ class Leader:
             if item.fut.set_running_or_notify_cancel():
                 self._pending.append(item)
 
+    def oldest_forward_launch(self) -> Optional[float]:
+        """time.monotonic() at which the oldest unfinished forward was launched, or None."""
+        try:
+            return self._launches[0]
+        except IndexError:
+            return None
+
+    def abort(self, exc: BaseException) -> None:
+        """From another thread, while the main thread may be stuck in a collective: fail every queued and
+        in-flight work with `exc` and take no new ones."""
+        with self._lock:
+            self._closed.set()
+            for work in list(self._pending):
+                if not work.fut.done():
+                    with contextlib.suppress(InvalidStateError):
+                        work.fut.set_exception(exc)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                if item is not _STOP and not item.fut.done():
+                    with contextlib.suppress(InvalidStateError):
+                        item.fut.set_exception(exc)
+
     def _launch(self, picked: List[Tuple[Work, int]], computed: int) -> InFlight:
+        self._launches.append(time.monotonic())
         seqs = [w.seqs[i] for w, i in picked]
         n_tokens = sum(len(s) for s in seqs)
         self.stats.launched()
@@ -348,6 +380,7 @@ class Leader:
 
     def _finish(self, forward: InFlight, idle_after: bool) -> None:
         out = forward.wait()
+        self._launches.popleft()
         self.stats.finished(len(forward.picked), forward.n_tokens, forward.n_computed, idle_after)
         failed, faulted = int(out[-2, 0]), int(out[-1, 0])
         if faulted:

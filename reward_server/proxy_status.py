@@ -1,24 +1,58 @@
 """Runs inside Triton's Python backend stub, NOT in the server: reward_server/statuses.py copies this file next
-to PyTriton's proxy model (as reward_status.py) and rebinds the proxy's `_wrap_response` to `with_status(...)`.
+to PyTriton's proxy model (as reward_status.py) and hooks `with_status` and `guarded` into it.
 
-A response dict that carries STATUS (a Triton error code name, e.g. b"INVALID_ARG") and MESSAGE becomes Triton's
-own error response for that one request: its HTTP status / gRPC code follow the code, its text is MESSAGE alone.
-Every other response is wrapped by PyTriton as usual. Keep this file free of imports from reward_server.
+- with_status: a response dict that carries STATUS (a Triton error code name, e.g. b"INVALID_ARG") and MESSAGE
+  becomes Triton's own error response for that one request: its HTTP status / gRPC code follow the code, its
+  text is MESSAGE alone. Every other response is wrapped by PyTriton as usual.
+- guarded: the proxy's `execute`, except that a request with an empty input (which PyTriton cannot copy to its
+  shared memory) is answered here with INVALID_ARG, and an exception of the proxy itself fails the batch with
+  a one-line INTERNAL error (the traceback goes to Triton's log) instead of sending the traceback to clients.
+Keep this file free of imports from reward_server.
 """
 
 STATUS = "reward_server_status"
 MESSAGE = "reward_server_message"
 
 
-def with_status(wrap):
+def _error(message: str, code_name: str):
     import triton_python_backend_utils as pb_utils  # type: ignore  # exists only inside the stub
 
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code_name)))
+
+
+def with_status(wrap):
     def wrap_response(response, requested_output_names, model_outputs_dict):
         data = response.data
         if data is not None and STATUS in data:
-            code = getattr(pb_utils.TritonError, bytes(data[STATUS].reshape(-1)[0]).decode())
-            message = bytes(data[MESSAGE].reshape(-1)[0]).decode("utf-8", "replace")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+            return _error(bytes(data[MESSAGE].reshape(-1)[0]).decode("utf-8", "replace"),
+                          bytes(data[STATUS].reshape(-1)[0]).decode())
         return wrap(response, requested_output_names, model_outputs_dict)
 
     return wrap_response
+
+
+def _empty_input(request):
+    for tensor in request.inputs():
+        shape = list(tensor.shape())
+        if 0 in shape:
+            return f"input {tensor.name()!r} has no elements (shape {shape})"
+    return None
+
+
+def guarded(execute):
+    def guarded_execute(self, requests):
+        import traceback
+
+        import triton_python_backend_utils as pb_utils  # type: ignore
+
+        try:
+            refused = {i: why for i, why in ((i, _empty_input(r)) for i, r in enumerate(requests)) if why}
+            rest = [r for i, r in enumerate(requests) if i not in refused]
+            answers = iter(execute(self, rest) if rest else [])
+            return [_error(refused[i], "INVALID_ARG") if i in refused else next(answers)
+                    for i in range(len(requests))]
+        except Exception:
+            pb_utils.Logger.log_error(f"reward-server proxy: a batch failed: {traceback.format_exc()}")
+            return [_error("the server failed this batch (see its log); retry", "INTERNAL") for _ in requests]
+
+    return guarded_execute

@@ -236,11 +236,11 @@ class RewardService:
         try:
             rewards = self.leader.submit(seqs, alone=alone).result()
         except ForwardError as exc:
-            if len(seqs) == 1:
+            if alone and len(seqs) == 1:  # failed on its own
                 return [[exc] if b else [] for b in batches]
             log.warning("a forward of %d request(s), %d sequence(s) failed (%s); scoring them apart", len(batches),
                         len(seqs), exc)
-            if len(batches) > 1:
+            if len(batches) > 1 or not alone:
                 return [self._score([b], alone=True)[0] for b in batches]
             return [[self._score([[ids]], alone=True)[0][0] for ids in batches[0]]]
         results, at = [], 0
@@ -267,28 +267,34 @@ AUTO_INSTANCES = {"cuda": 8, "cpu": 2}
 
 def start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,
                  inference_token: Optional[str] = None):
-    """Start Triton with our models. PyTriton's Python backend stub sometimes fails its start-up handshake when
-    the CPU is busy (it connects to its own socket before that listens): try again rather than fail the rank."""
-    for attempt in range(1, cfg.server.start_attempts + 1):
+    """Start our metrics endpoint, then Triton with our models. PyTriton's Python backend stub sometimes fails its
+    start-up handshake when the CPU is busy (it connects to its own socket before that listens): try again rather
+    than fail the rank."""
+    s = cfg.server
+    wait_for_ports(s.host, [s.http_port, s.grpc_port, s.metrics_port], s.port_wait_s)
+    triton_metrics_port = s.triton_metrics_port or free_port(LOOPBACK)
+    if service.metrics is not None:  # before Triton: serving as soon as the models are ready
+        service.metrics.serve(s.host, s.metrics_port, f"http://{LOOPBACK}:{triton_metrics_port}/metrics",
+                              s.metrics_scrape_timeout_s)
+    for attempt in range(1, s.start_attempts + 1):
         try:
-            return _start_triton(cfg, service, instances, access_token, inference_token)
+            return _start_triton(cfg, service, instances, access_token, inference_token, triton_metrics_port)
         except Exception:
-            if attempt == cfg.server.start_attempts:
+            if attempt == s.start_attempts:
                 raise
-            log.warning("Triton did not start (attempt %d of %d); trying again", attempt, cfg.server.start_attempts,
+            log.warning("Triton did not start (attempt %d of %d); trying again", attempt, s.start_attempts,
                         exc_info=True)
 
 
 def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,
-                  inference_token: Optional[str]):
+                  inference_token: Optional[str], triton_metrics_port: int):
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     ensure_python_library_path()
     s, b = cfg.server, cfg.batching
     triton_logs.quiet(s.triton_log_info)
-    wait_for_ports(s.host, [s.http_port, s.grpc_port, s.metrics_port], s.port_wait_s)
-    triton_metrics_port = s.triton_metrics_port or free_port(LOOPBACK)
+    wait_for_ports(s.host, [s.http_port, s.grpc_port], s.port_wait_s)
     restricted = restrictions(access_token, inference_token)
     triton = Triton(
         config=TritonConfig(
@@ -342,9 +348,6 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
         service.leader.reject_queued(ShuttingDown("the reward server is restarting its endpoint; retry"))
         triton.stop()
         raise
-    if service.metrics is not None:
-        service.metrics.serve(s.host, s.metrics_port, f"http://{LOOPBACK}:{triton_metrics_port}/metrics",
-                              s.metrics_scrape_timeout_s)
     return triton
 
 

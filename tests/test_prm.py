@@ -264,25 +264,35 @@ def test_step_tag_found_whatever_the_tokenizer_does_around_it(shepherd):
     check(infer(srv.url, "token_ids", [" ".join(map(str, i)) for i in ids]), expected, "min")
 
 
-def test_no_step_or_too_many_steps_is_a_request_error(shepherd):
+def test_no_step_or_too_many_steps_is_a_row_error(shepherd):
     srv, ckpt, tok = shepherd
     no_tag = "Step 1: x = 4\nStep 2: no tag here"
     too_many = "\n".join(f"Step {i}: x{TAG}" for i in range(9))  # reward.max_steps=8
-    with pytest.raises(InferenceServerException, match="no step found"):
+    with pytest.raises(InferenceServerException, match="no step found") as info:
         infer(srv.url, "text", [no_tag])
+    assert info.value.status() == "400"
     with pytest.raises(InferenceServerException, match="9 steps, more than reward.max_steps=8"):
         infer(srv.url, "text", [too_many])
     bad_ids = " ".join(map(str, tok(no_tag)["input_ids"]))
     with pytest.raises(InferenceServerException, match="no step found"):
         infer(srv.url, "token_ids", [bad_ids])
 
-    # in one dynamic batch (the server waits 100 ms for more requests) the good request is still scored
+    # in one dynamic batch (the server waits 100 ms for more requests): the bad request still gets its 400, the
+    # good request is scored, and a request with a bad and a good row keeps the good row's step scores
     good = shepherd_texts(2, seed=11)
-    outs = infer_many(srv.url, "text", [[no_tag], good, [too_many, good[0]]])
-    assert b"no step found" in outs[0]["error"][0, 0] and outs[0]["num_steps"][0, 0] == 0
-    assert np.isnan(outs[0]["rewards"]).all() and np.isnan(outs[0]["step_rewards"]).all()
-    assert b"reward.max_steps" in outs[2]["error"][0, 0] and np.isnan(outs[2]["rewards"]).all()
-    check(outs[1], shepherd_reference(ckpt, tok, [tok(t)["input_ids"] for t in good]), "min")
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(infer, srv.url, "text", rows) for rows in ([no_tag], good, [too_many, good[0]])]
+        with pytest.raises(InferenceServerException, match=r"^\[400\] row 0: no step found") as info:
+            futures[0].result()
+        assert info.value.status() == "400"
+        outs = [futures[1].result(), futures[2].result()]
+    expected = shepherd_reference(ckpt, tok, [tok(t)["input_ids"] for t in good])
+    check(outs[0], expected, "min")
+    mixed = outs[1]
+    assert mixed["error"][0, 0].startswith(b"row 0: 9 steps") and mixed["error"][1, 0] == b""
+    assert np.isnan(mixed["rewards"][0]).all() and np.isnan(mixed["step_rewards"][0]).all()
+    assert mixed["num_steps"][0, 0] == 0 and mixed["num_steps"][1, 0] == len(expected[0])
+    np.testing.assert_allclose(mixed["step_rewards"][1, :len(expected[0])], expected[0], atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- Qwen2.5-Math-PRM style: token classification, DP=2

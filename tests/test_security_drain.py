@@ -8,6 +8,7 @@ answered, that new ones are refused and that every rank exits cleanly.
 import ipaddress
 import json
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -141,21 +142,70 @@ def test_tokens_are_not_logged(server):
     assert ADMIN_TOKEN not in log and INFER_TOKEN not in log
 
 
+def raw_infer(url, seq, token=INFER_TOKEN):
+    """What a client sees: ("ok", reward), ("http", status, message) or ("conn", error) when the connection failed
+    (refused before the request was sent, or lost after it)."""
+    import http.client
+
+    body = json.dumps({"inputs": [{"name": "token_ids", "shape": [1, 1], "datatype": "BYTES",
+                                   "data": [" ".join(map(str, seq))]}]}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        try:
+            conn.connect()
+        except ConnectionRefusedError:
+            return ("refused",)
+        try:
+            conn.request("POST", "/v2/models/reward/infer", body=body, headers={HEADER: token})
+            response = conn.getresponse()
+            data = json.loads(response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            return ("conn", repr(exc))
+        if response.status == 200:
+            return ("ok", data["outputs"][0]["data"][0])
+        return ("http", response.status, data.get("error", ""))
+    finally:
+        conn.close()
+
+
 def test_sigterm_answers_accepted_requests_refuses_new_ones_and_exits_cleanly(server, llama_ckpt):
     seqs = [np.arange(4, 4 + n) for n in (3, 9, 14, 20, 5, 11, 17, 30)]
     expected = reference_rewards(llama_ckpt, seqs)
-    with ThreadPoolExecutor(len(seqs)) as pool:
+    stop_load = threading.Event()
+    load: list = []
+
+    def keep_sending():  # a client that keeps sending through the drain, until the port is closed
+        while not stop_load.is_set():
+            sent = time.monotonic()
+            load.append((sent, raw_infer(server.url, seqs[0]), time.monotonic()))
+            if load[-1][1][0] == "refused":
+                return
+            time.sleep(0.05)
+
+    with ThreadPoolExecutor(len(seqs) + 2) as pool:
         accepted = [pool.submit(lambda s: (infer(server.url, s), time.monotonic()), s) for s in seqs]
+        loaders = [pool.submit(keep_sending) for _ in range(2)]
         time.sleep(1.0)  # all sent; 2 per batch, 1 s per forward: about 3 s of work left
         sigterm = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        with pytest.raises(Exception):
-            infer(server.url, seqs[0])
+        refused = raw_infer(server.url, seqs[0])
         results = [f.result(timeout=60) for f in accepted]
+        stop_load.set()
+        [f.result(timeout=60) for f in loaders]
+    assert refused[:2] == ("http", 503) and "shutting down" in refused[2], refused
     for (reward, _), want in zip(results, expected):
         np.testing.assert_allclose(reward, want, atol=1e-4, rtol=0)
     assert max(t for _, t in results) > sigterm + 1, "nothing was left in flight at SIGTERM"
+    kinds = {}
+    for sent, result, answered in load:
+        kind = result[0] if result[0] != "http" else result[1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert result[0] in ("ok", "refused") or result[:2] == ("http", 503), (sent - sigterm, result)
+        assert answered - sent < 30, result  # none hung
+    print(f"load through the drain: {kinds}")
+    assert 503 in kinds, kinds
     server.proc.wait(timeout=60)
     print(f"drained and exited {time.monotonic() - sigterm:.1f} s after SIGTERM")
     log = server.log()
