@@ -110,10 +110,16 @@ def serve(cfg: ServeConfig) -> int:
         log.info("signal %d: draining and shutting down", signum)
 
         def stop():
-            # new requests get 503 at once, while Triton still answers them; those already accepted are scored
-            service.refusing = ShuttingDown("the reward server is shutting down; retry")
+            # new requests get 503 at once, while Triton still answers them; those already accepted (with us, or
+            # waiting in Triton's queue) are scored
+            queued = metrics.triton_queued()
+            service.drain(ShuttingDown("the reward server is shutting down; retry"),
+                          {"native": queued.get(cfg.server.model_name, 0),
+                           "nemo": queued.get(cfg.server.nemo_model_name, 0)})
+            log.info("draining: %d request(s) queued in Triton, %d at rank 0", sum(queued.values()),
+                     leader.queued_requests)
             deadline = time.monotonic() + cfg.server.drain_timeout_s
-            while leader.queued_requests and time.monotonic() < deadline:
+            while (leader.queued_requests or service.admitting()) and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
             triton.stop()  # waits for requests still in flight
             leader.close()

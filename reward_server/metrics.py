@@ -34,8 +34,20 @@ class TritonMetrics:
         yield from text_string_to_metric_families(text)
 
 
+def triton_pending(url: str, timeout_s: float) -> dict:
+    """Requests waiting in Triton's queue, per model name (nv_inference_pending_request_count); {} if unknown."""
+    pending: dict = {}
+    for family in TritonMetrics(url, timeout_s).collect():
+        if family.name == "nv_inference_pending_request_count":
+            for sample in family.samples:
+                model = sample.labels.get("model", "")
+                pending[model] = pending.get(model, 0) + int(sample.value)
+    return pending
+
+
 class Metrics:
     def __init__(self):
+        self.triton_url, self.timeout_s = "", 0.0  # Triton's own metrics, once serving
         self.registry = CollectorRegistry()
         r = self.registry
         self.queued_requests = Gauge("reward_server_queue_requests", "Requests at rank 0 not answered yet",
@@ -64,9 +76,13 @@ class Metrics:
         if budget:
             self.fill.observe(n_computed / budget)
 
+    def triton_queued(self) -> dict:
+        return triton_pending(self.triton_url, self.timeout_s) if self.triton_url else {}
+
     def error(self, kind: str, n: int = 1) -> None:
         self.errors.labels(kind).inc(n)
 
     def serve(self, host: str, port: int, triton_url: str, timeout_s: float) -> None:
+        self.triton_url, self.timeout_s = triton_url, timeout_s
         self.registry.register(TritonMetrics(triton_url, timeout_s))
         start_http_server(port, addr=host, registry=self.registry)

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import sysconfig
+import threading
 import time
 from typing import Callable, List, Optional, Union
 
@@ -168,18 +169,40 @@ class RewardService:
         self.decoder = decoder
         self.outputs = outputs  # ScalarOutputs or prm.StepOutputs
         self.metrics = metrics  # metrics.Metrics, or None
-        self.refusing: Optional[Unavailable] = None  # set while draining: new requests get 503 at once
+        self.refusing: Optional[Unavailable] = None  # set while draining or failed: new requests get 503 at once
+        self._admit: dict = {}  # while draining: per model, requests still to take (queued in Triton before)
+        self._admit_lock = threading.Lock()
 
     def infer_native(self, requests) -> List[dict]:
-        return self._infer(requests, self.decoder.native)
+        return self._admitted(requests, self.decoder.native, "native")
 
     def infer_nemo(self, requests) -> List[dict]:
-        return self._infer(requests, self.decoder.nemo)
+        return self._admitted(requests, self.decoder.nemo, "nemo")
+
+    def drain(self, refusal: Unavailable, queued: dict) -> None:
+        """Refuse new requests with `refusal`, except the first `queued[model]` ones that reach each model's infer
+        function from now on: those were already waiting in Triton's queue (first in, first out) when the drain
+        began, so they are scored like the requests already here."""
+        with self._admit_lock:
+            self._admit = dict(queued)
+            self.refusing = refusal
+
+    def admitting(self) -> bool:
+        """Draining, with requests from Triton's queue still to come."""
+        return any(n > 0 for n in self._admit.values())
+
+    def _admitted(self, requests, decode: Callable, model: str) -> List[dict]:
+        refusal = self.refusing
+        if refusal is None:
+            return self._infer(requests, decode)
+        with self._admit_lock:
+            n = min(len(requests), self._admit.get(model, 0))
+            self._admit[model] = self._admit.get(model, 0) - n
+        refused = [self._failure(refusal) for _ in requests[n:]]
+        return (self._infer(requests[:n], decode) if n else []) + refused
 
     def _infer(self, requests, decode: Callable) -> List[dict]:
         try:
-            if self.refusing is not None:
-                raise self.refusing
             decoded = [self._decode(decode, request) for request in requests]
             batches = [good(rows) for rows in decoded if not isinstance(rows, InputError)]
             scored = iter(self._score(batches))
