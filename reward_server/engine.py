@@ -350,18 +350,7 @@ class Leader:
         in-flight work with `exc` and take no new ones."""
         with self._lock:
             self._closed.set()
-            for work in list(self._pending):
-                if not work.fut.done():
-                    with contextlib.suppress(InvalidStateError):
-                        work.fut.set_exception(exc)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    return
-                if item is not _STOP and not item.fut.done():
-                    with contextlib.suppress(InvalidStateError):
-                        item.fut.set_exception(exc)
+            self._fail_pending(exc)
 
     def _launch(self, picked: List[Tuple[Work, int]], computed: int) -> InFlight:
         self._launches.append(time.monotonic())
@@ -408,17 +397,20 @@ class Leader:
             self._fail_pending(exc)
 
     def _fail_pending(self, exc: BaseException) -> None:
-        while self._pending:
-            work = self._pending.popleft()
-            if not work.fut.done():
+        """Fail every queued and pending work (safe from another thread: a future already answered stays so)."""
+        def fail(work: Work) -> None:
+            with contextlib.suppress(InvalidStateError):
                 work.fut.set_exception(exc)
+
+        while self._pending:
+            fail(self._pending.popleft())
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
             if item is not _STOP:
-                item.fut.set_exception(exc)
+                fail(item)
 
 
 def run_subscriber(engine: Engine) -> None:

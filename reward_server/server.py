@@ -20,7 +20,7 @@ import socket
 import sysconfig
 import threading
 import time
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch

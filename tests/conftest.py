@@ -74,8 +74,8 @@ def reference_rewards(path, seqs):
 class Server:
     """A real `torchrun --nproc_per_node N serve_reward_model.py ...` process group."""
 
-    def __init__(self, nproc: int, overrides, log_path: Path, env=None, launcher_args=()):
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+    def __init__(self, nproc: int, overrides, log_path: Path, env=None, launcher_args=(), http_port=None):
+        self.http_port, self.grpc_port, self.metrics_port = http_port or free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = log_path
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
