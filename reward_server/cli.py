@@ -116,8 +116,8 @@ def serve(cfg: ServeConfig) -> int:
             service.drain(ShuttingDown("the reward server is shutting down; retry"),
                           {"native": queued.get(cfg.server.model_name, 0),
                            "nemo": queued.get(cfg.server.nemo_model_name, 0)})
-            log.info("draining: %d request(s) queued in Triton, %d at rank 0", sum(queued.values()),
-                     leader.queued_requests)
+            log.info("draining: %d request(s) accepted and not answered yet (%d batch(es) at rank 0)",
+                     sum(queued.values()), leader.queued_requests)
             deadline = time.monotonic() + cfg.server.drain_timeout_s
             while (leader.queued_requests or service.admitting()) and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)

@@ -171,6 +171,7 @@ class RewardService:
         self.metrics = metrics  # metrics.Metrics, or None
         self.refusing: Optional[Unavailable] = None  # set while draining or failed: new requests get 503 at once
         self._admit: dict = {}  # while draining: per model, requests still to take (queued in Triton before)
+        self._inside: dict = {}  # per model, requests in our infer functions now
         self._admit_lock = threading.Lock()
 
     def infer_native(self, requests) -> List[dict]:
@@ -179,12 +180,13 @@ class RewardService:
     def infer_nemo(self, requests) -> List[dict]:
         return self._admitted(requests, self.decoder.nemo, "nemo")
 
-    def drain(self, refusal: Unavailable, queued: dict) -> None:
-        """Refuse new requests with `refusal`, except the first `queued[model]` ones that reach each model's infer
-        function from now on: those were already waiting in Triton's queue (first in, first out) when the drain
-        began, so they are scored like the requests already here."""
+    def drain(self, refusal: Unavailable, pending: dict) -> None:
+        """Refuse new requests with `refusal`, except those that Triton had already accepted when the drain
+        began: `pending[model]` (Triton's count of its requests not yet answered, ours included) minus those in
+        our infer functions now are still in its queue (first in, first out), so the first that many to reach
+        each model's infer function from now on are scored like the requests already here."""
         with self._admit_lock:
-            self._admit = dict(queued)
+            self._admit = {m: max(0, n - self._inside.get(m, 0)) for m, n in pending.items()}
             self.refusing = refusal
 
     def admitting(self) -> bool:
@@ -192,14 +194,18 @@ class RewardService:
         return any(n > 0 for n in self._admit.values())
 
     def _admitted(self, requests, decode: Callable, model: str) -> List[dict]:
-        refusal = self.refusing
-        if refusal is None:
-            return self._infer(requests, decode)
         with self._admit_lock:
-            n = min(len(requests), self._admit.get(model, 0))
-            self._admit[model] = self._admit.get(model, 0) - n
-        refused = [self._failure(refusal) for _ in requests[n:]]
-        return (self._infer(requests[:n], decode) if n else []) + refused
+            refusal = self.refusing
+            n = len(requests) if refusal is None else min(len(requests), self._admit.get(model, 0))
+            if refusal is not None:
+                self._admit[model] = self._admit.get(model, 0) - n
+            self._inside[model] = self._inside.get(model, 0) + n
+        try:
+            refused = [self._failure(refusal) for _ in requests[n:]]
+            return (self._infer(requests[:n], decode) if n else []) + refused
+        finally:
+            with self._admit_lock:
+                self._inside[model] -= n
 
     def _infer(self, requests, decode: Callable) -> List[dict]:
         try:

@@ -139,7 +139,7 @@ def test_a_cancelled_call_does_not_delay_the_next(server, batches):
     print(f"a call alone {alone:.2f} s; after a cancelled 2,880-sequence call {after_cancel:.2f} s; "
           f"after a cancelled ainfer_rm {after_async_cancel:.2f} s")
     # the 4 requests already sent finish in the forward running now; the next call's join the next forward
-    assert after_cancel < alone + 3 * FORWARD_S + 0.5, (alone, after_cancel)  # not cancelled: ~20 s
+    assert after_cancel < alone + 3 * FORWARD_S + 0.5, (alone, after_cancel)
     assert after_async_cancel < alone + 3 * FORWARD_S + 0.5, (alone, after_async_cancel)
 
 

@@ -185,10 +185,10 @@ def test_sigterm_answers_accepted_requests_refuses_new_ones_and_exits_cleanly(se
 
     with ThreadPoolExecutor(len(seqs) + 2) as pool:
         accepted = [pool.submit(lambda s: (infer(server.url, s), time.monotonic()), s) for s in seqs]
-        loaders = [pool.submit(keep_sending) for _ in range(2)]
         time.sleep(1.0)  # all sent; 2 per batch, 1 s per forward: about 3 s of work left
         sigterm = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
+        loaders = [pool.submit(keep_sending) for _ in range(2)]  # clients that keep sending through the drain
         time.sleep(0.5)
         refused = raw_infer(server.url, seqs[0])
         results = [f.result(timeout=60) for f in accepted]
