@@ -115,7 +115,7 @@ def main():
             for (layout, budget, row, sharing), (w, seqs) in [(s, w) for s in settings for w in workloads.items()]:
                 batching = BatchingConfig(layout=layout, max_tokens_per_forward=budget, packed_row_tokens=row,
                                           prefix_sharing=sharing == "on")
-                scorer = build_scorer(model, LastToken(model.score, cfg.num_labels), batching, cfg.pad_token_id,
+                scorer = build_scorer(model, LastToken(model.score, cfg.num_labels, cfg.pad_token_id), batching, cfg.pad_token_id,
                                       device)
                 n_tokens = sum(len(s) for s in seqs)
                 for schedule in a.schedule:

@@ -38,6 +38,11 @@ class ModelConfig:
     max_length: Optional[int] = None
     # What to do with a longer sequence: error | left (keep the end) | right (keep the start).
     truncation: str = "error"
+    # Scalar rewards: the token whose hidden state the head reads. last_non_pad: transformers' rule for
+    # *ForSequenceClassification (the last token that is not config.pad_token_id; the last token when the model has
+    # no pad token), so a sequence ending in the pad token (a pad token that is also EOS, a chat template ending in
+    # EOS) gets the reward the checkpoint gives in transformers. last: each sequence's true last token.
+    pooling: str = "last_non_pad"
     # Passed to the tokenizer for `text` inputs (chat-formatted `messages` get the template's own tokens).
     add_special_tokens: bool = True
     trust_remote_code: bool = False

@@ -8,7 +8,7 @@ from .config import BatchingConfig, ModelConfig
 from .default_model import default_model_path
 from . import distributed as d
 from .distributed import Topology
-from .scoring.readout import LastToken
+from .scoring.readout import POOLINGS, LastToken
 from .scoring.scorer import build_scorer
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,8 @@ def pad_token_id(model, tokenizer) -> int:
 
 
 def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topology):
-    """A sequence-classification model's scorer: its head at each sequence's last token (pooled by length, not by
-    searching for pad tokens, so a sequence that ends in the pad token id is still scored at its true end)."""
+    """A sequence-classification model's scorer: its head at each sequence's pooled token (model.pooling:
+    transformers' rule, the last token that is not the pad token, by default; or the true last token)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model, path = load_pretrained(AutoModelForSequenceClassification, cfg, topo)
@@ -146,6 +146,9 @@ def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topolog
         raise ValueError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification model")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     maybe_compile(model, cfg, topo)
-    readout = LastToken(plain_head(model.score), model.config.num_labels)
+    if cfg.pooling not in POOLINGS:
+        raise ValueError(f"model.pooling={cfg.pooling!r}: expected one of {POOLINGS}")
+    pad = model.config.pad_token_id if cfg.pooling == "last_non_pad" else None
+    readout = LastToken(plain_head(model.score), model.config.num_labels, pad)
     scorer = build_scorer(model, readout, batching, pad_token_id(model, tokenizer), topo.device)
     return scorer, tokenizer, model.config

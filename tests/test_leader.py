@@ -31,7 +31,7 @@ def topo():
 
 def packed_scorer(model, sharing=True):
     batching = BatchingConfig(max_tokens_per_forward=BUDGET, prefix_sharing=sharing)
-    return build_scorer(model, LastToken(model.score, 1), batching, model.config.pad_token_id, torch.device("cpu"))
+    return build_scorer(model, LastToken(model.score, 1, model.config.pad_token_id), batching, model.config.pad_token_id, torch.device("cpu"))
 
 
 class RecordingScorer:

@@ -49,11 +49,12 @@ def llama(llama_ckpt):
     return AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
 
 
-def scalar_scorer(model, layout="packed", sharing=True, budget=512, row_tokens=0):
+def scalar_scorer(model, layout="packed", sharing=True, budget=512, row_tokens=0, pooling="last_non_pad"):
     batching = BatchingConfig(layout=layout, prefix_sharing=sharing, max_tokens_per_forward=budget,
                               packed_row_tokens=row_tokens)
-    return build_scorer(model, LastToken(model.score, model.config.num_labels), batching, model.config.pad_token_id,
-                        torch.device("cpu"))
+    pad = model.config.pad_token_id if pooling == "last_non_pad" else None
+    return build_scorer(model, LastToken(model.score, model.config.num_labels, pad), batching,
+                        model.config.pad_token_id, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- the trie against brute force
@@ -155,6 +156,38 @@ def test_every_layout_matches_a_plain_forward_on_shared_prefixes(llama, llama_ck
         np.testing.assert_allclose(got[at:at + len(case)], expected[at:at + len(case)], atol=1e-5, rtol=0,
                                    err_msg=name)
         at += len(case)
+
+
+@pytest.mark.parametrize("layout,sharing", [("packed", True), ("packed", False), ("padded", False)],
+                         ids=["shared", "not-shared", "padded"])
+def test_pooling_follows_transformers_or_takes_the_true_last_token(llama, llama_ckpt, layout, sharing):
+    """Sequences ending in the pad token (once, three times, only pad tokens, pad inside), also as prefixes of
+    others: model.pooling=last_non_pad equals transformers' own pooling, model.pooling=last a forward read at the
+    true last token."""
+    pad = llama.config.pad_token_id
+    assert pad is not None
+    rng = np.random.default_rng(3)
+    body = rng.integers(4, 500, 60)
+    body = body[body != pad]
+    seqs = [np.append(body, pad), np.concatenate([body, [pad] * 3]), np.full(5, pad), body.copy(),
+            np.concatenate([body[:20], [pad], body[20:]]), np.concatenate([body, [pad], body[:10]]),
+            np.concatenate([body[:30], [pad, pad]])]
+    hf = reference_rewards(llama_ckpt, seqs)
+    got = scalar_scorer(llama, layout, sharing)([torch.from_numpy(s) for s in seqs]).numpy()
+    np.testing.assert_allclose(got, hf, atol=1e-5, rtol=0)
+    assert not np.allclose(hf[0], reference_rewards_without_pad(llama_ckpt, seqs[:1])[0], atol=1e-3)  # it matters
+
+    true_last = reference_rewards_without_pad(llama_ckpt, seqs)
+    got = scalar_scorer(llama, layout, sharing, pooling="last")([torch.from_numpy(s) for s in seqs]).numpy()
+    np.testing.assert_allclose(got, true_last, atol=1e-5, rtol=0)
+
+
+def reference_rewards_without_pad(path, seqs):
+    """transformers' forward with config.pad_token_id unset: it then pools each sequence's last token."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    model.config.pad_token_id = None
+    with torch.no_grad():
+        return np.stack([model(input_ids=torch.as_tensor(s)[None]).logits[0].float().numpy() for s in seqs])
 
 
 def test_eager_attention_takes_the_additive_tree_mask(llama_ckpt):
