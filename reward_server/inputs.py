@@ -64,8 +64,8 @@ def _per_row(values: list, fn) -> List[Row]:
             continue
         try:
             out.append(fn(value, row))
-        except InputError as exc:
-            out.append(exc)
+        except InputError as exc:  # without its traceback, whose frames would keep the row's bytes alive
+            out.append(exc.with_traceback(None))
     return out
 
 

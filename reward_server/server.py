@@ -248,8 +248,8 @@ class RewardService:
     def _decode(self, decode: Callable, request):
         try:
             return decode(request)
-        except InputError as exc:
-            return exc
+        except InputError as exc:  # without its traceback: its frames hold the request's data (a 50 MB body)
+            return exc.with_traceback(None)
         except Exception as exc:  # a check we did not foresee: still this request's error, not the batch's
             log.exception("decoding a request failed")
             return InputError(f"bad request: {type(exc).__name__}: {exc}")

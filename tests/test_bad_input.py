@@ -303,9 +303,8 @@ def test_grpc_gets_the_same_statuses(server):
 
 def test_huge_bodies_are_refused_at_once_and_leave_no_memory_behind(server):
     """Two 50 MB texts at once, beside good traffic: refused within seconds (400) and good requests still
-    answered. Rank 0's memory stays bounded: PyTriton's shared-memory pool takes up to ~3 rounds' bodies and
-    then reuses them (measured: +190, +95, +95 MB, then back to the first round's level), so a fourth round
-    must not go above the first three."""
+    answered; four rounds of them leave rank 0's memory where the first round left it (nothing of a refused
+    request is kept)."""
     rank0 = rank_pids(server.proc.pid)[0]
     huge = column(b"a" * 50_000_000)
     rss = [rss_mb(rank0)]
@@ -327,7 +326,7 @@ def test_huge_bodies_are_refused_at_once_and_leave_no_memory_behind(server):
         time.sleep(1)
         rss.append(rss_mb(rank0))
     print("rank 0 memory (MB) before and after each round:", [round(m) for m in rss])
-    assert rss[4] < max(rss[1:4]) + 20, rss
+    assert rss[4] < rss[1] + 30, rss
 
 
 def test_truncation_keeps_the_end_or_the_start():
