@@ -117,9 +117,9 @@ def serve(cfg: ServeConfig) -> int:
                           {"native": queued.get(cfg.server.model_name, 0),
                            "nemo": queued.get(cfg.server.nemo_model_name, 0)})
             log.info("draining: %d request(s) accepted and not answered yet (%d batch(es) at rank 0)",
-                     sum(queued.values()), leader.queued_requests)
+                     sum(queued.values()), leader.queued_batches)
             deadline = time.monotonic() + cfg.server.drain_timeout_s
-            while (leader.queued_requests or service.admitting()) and time.monotonic() < deadline:
+            while (leader.queued_batches or service.admitting()) and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
             triton.stop()  # waits for requests still in flight
             leader.close()

@@ -237,7 +237,7 @@ class Leader:
         self.min_shared = min_shared
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
-        self.queued_requests = self.queued_tokens = 0  # submitted and not answered yet
+        self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
         self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward)
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: Deque[Work] = deque()
@@ -264,7 +264,7 @@ class Leader:
                     f"the reward server is overloaded ({self.queued_tokens} tokens queued, limit "
                     f"{self.max_queued_tokens}); retry later"))
             else:
-                self.queued_requests += 1
+                self.queued_batches += 1
                 self.queued_tokens += n_tokens
                 fut.add_done_callback(lambda _: self._dequeued(n_tokens))
                 self._queue.put(Work(seqs, fut, alone))
@@ -272,7 +272,7 @@ class Leader:
 
     def _dequeued(self, n_tokens: int) -> None:
         with self._lock:
-            self.queued_requests -= 1
+            self.queued_batches -= 1
             self.queued_tokens -= n_tokens
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 prometheus-client serves the port; Triton's metrics (request counts and queue times per model, ...) move to
 server.triton_metrics_port on the loopback, and each scrape of ours includes them (TritonMetrics), so one port has
-both. Ours: queue depth (requests, tokens) at rank 0, forwards and how full they were, tokens received and
+both. Ours: queue depth (Triton batches, tokens) at rank 0, forwards and how full they were, tokens received and
 computed (fewer with prefix sharing), errors by kind; tokens/s is rate(reward_server_tokens_received_total[1m]).
 """
 
@@ -50,7 +50,7 @@ class Metrics:
         self.triton_url, self.timeout_s = "", 0.0  # Triton's own metrics, once serving
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queued_requests = Gauge("reward_server_queue_requests", "Requests at rank 0 not answered yet",
+        self.queued_batches = Gauge("reward_server_queue_batches", "Triton batches at rank 0 not answered yet",
                                      registry=r)
         self.queued_tokens = Gauge("reward_server_queue_tokens", "Tokens of the requests at rank 0 not answered yet",
                                    registry=r)
@@ -65,7 +65,7 @@ class Metrics:
                               "error), unavailable (503), internal (500)", ["kind"], registry=r)
 
     def watch_queue(self, leader) -> None:
-        self.queued_requests.set_function(lambda: leader.queued_requests)
+        self.queued_batches.set_function(lambda: leader.queued_batches)
         self.queued_tokens.set_function(lambda: leader.queued_tokens)
 
     def forward(self, n_seqs: int, n_tokens: int, n_computed: int, budget: int) -> None:

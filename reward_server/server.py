@@ -145,6 +145,9 @@ def merge_rows(n: int, at: List[int], scored: dict, failed: dict) -> dict:
     return out
 
 
+MESSAGE_ROWS = 3  # rows named in the message of a request whose every row failed
+
+
 def row_failure(excs: List[BaseException]) -> BaseException:
     """One error for a request none of whose rows could be scored: an input error when every row's is, else a
     server fault (or Unavailable); the message names the first rows."""
@@ -154,9 +157,6 @@ def row_failure(excs: List[BaseException]) -> BaseException:
     if all(isinstance(e, InputError) for e in excs):
         return InputError(shown)
     return next((type(e)(shown) for e in excs if isinstance(e, Unavailable)), ForwardError(shown))
-
-
-MESSAGE_ROWS = 3  # rows named in the message of a request whose every row failed
 
 
 class RewardService:

@@ -89,7 +89,7 @@ def test_metrics_port_has_ours_and_tritons(server):
     assert value(text, "reward_server_forwards_total") >= 1
     assert value(text, 'reward_server_errors_total{kind="input"}') >= 1
     assert value(text, 'reward_server_errors_total{kind="unavailable"}') >= 1  # the burst's refusals
-    assert value(text, "reward_server_queue_requests") == 0 and value(text, "reward_server_queue_tokens") == 0
+    assert value(text, "reward_server_queue_batches") == 0 and value(text, "reward_server_queue_tokens") == 0
     assert "reward_server_forward_fill_bucket" in text
     assert re.search(r"^nv_inference_request_success(_total)?\{[^}]*model=\"reward\"[^}]*\} [1-9]", text, re.M), \
         "Triton's own metrics missing"
