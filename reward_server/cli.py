@@ -121,6 +121,7 @@ def serve(cfg: ServeConfig) -> int:
             deadline = time.monotonic() + cfg.server.drain_timeout_s
             while (leader.queued_batches or service.admitting()) and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
+            time.sleep(cfg.server.drain_refuse_s)  # clients sending now get a clear 503, not a reset from Triton's stop
             triton.stop()  # waits for requests still in flight
             leader.close()
         threading.Thread(target=stop, name="shutdown", daemon=True).start()

@@ -222,13 +222,16 @@ class RemoteGPTRMClient:
                       404 while not ready), with exponential backoff from retry_backoff_s up to max_backoff_s,
                       with jitter; then RewardServerUnavailable says what it saw
     retries           None: as many attempts as the budget allows; a number: also at most this many retries
+    model_load_grace_s a 404 for the model is retried while the server is not ready, and for this long after it
+                      reports ready (it loads its models one by one); past that it means a wrong model_name
     reward_mean/std   when set, rewards come back as (reward - mean) / std (scalars or one value per label)
     """
 
     def __init__(self, url: str = "localhost:8000", model_name: str = "reward", *,
                  max_batch_size: Optional[int] = None, concurrency: int = 4, connect_timeout_s: float = 5.0,
                  request_timeout_s: float = 600.0, restart_budget_s: float = 120.0, retries: Optional[int] = None,
-                 retry_backoff_s: float = 0.5, max_backoff_s: float = 5.0, reward_mean=None, reward_std=None):
+                 retry_backoff_s: float = 0.5, max_backoff_s: float = 5.0, model_load_grace_s: float = 15.0,
+                 reward_mean=None, reward_std=None):
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"url must be host:port or http://host:port, got {url!r}")
@@ -240,7 +243,7 @@ class RemoteGPTRMClient:
         if self.reward_std is not None and not (self.reward_std > 0).all():
             raise ValueError(f"reward_std must be positive, got {reward_std}")
         self._http = HttpTransport(self.host, self.port, connect_timeout_s, request_timeout_s, restart_budget_s,
-                                   retry_backoff_s, max_backoff_s, retries)
+                                   retry_backoff_s, max_backoff_s, retries, model_load_grace_s)
         self._max_batch_size = max_batch_size
         self._config_lock = threading.Lock()
         self._closed = False

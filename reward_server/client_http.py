@@ -3,7 +3,8 @@ policy that lets an RL actor ride through a server restart.
 
 What the server's answer or the connection says decides, not its text:
   the server's state - connection refused / reset / lost (the server restarting, a rank failed, a deploy),
-      HTTP 503 (overloaded, draining, ranks restarting), HTTP 404 for the model while Triton (re)loads it:
+      HTTP 503 (overloaded, draining, ranks restarting), HTTP 404 for the model while Triton (re)loads it (not
+      ready yet, or ready for less than `model_load_grace_s`):
       retried with exponential backoff and jitter for up to `restart_budget_s`, then RewardServerUnavailable
       saying what was seen. Scoring is idempotent, so a request lost with a failed group is simply sent again.
   the caller's input - HTTP 400: returned to the caller, which raises RewardInputError at once.
@@ -30,12 +31,15 @@ class _Retry(Exception):
 
 class HttpTransport:
     def __init__(self, host: str, port: int, connect_timeout_s: float, request_timeout_s: float,
-                 restart_budget_s: float, retry_backoff_s: float, max_backoff_s: float, retries: Optional[int]):
+                 restart_budget_s: float, retry_backoff_s: float, max_backoff_s: float, retries: Optional[int],
+                 model_load_grace_s: float):
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
         self.connect_timeout_s, self.request_timeout_s = connect_timeout_s, request_timeout_s
         self.restart_budget_s, self.retry_backoff_s, self.max_backoff_s = restart_budget_s, retry_backoff_s, max_backoff_s
         self.retries = retries
+        self.model_load_grace_s = model_load_grace_s
+        self._ready_since: Optional[float] = None  # when a 404 first met a ready server (see _loading)
         self._local = threading.local()
         self._connections: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -117,21 +121,32 @@ class HttpTransport:
             conn.close()
         if response.status == 503:
             raise _Retry(f"HTTP 503: {server_reason(error_text(data))[1]}")
-        if response.status == 404 and not self._server_ready():  # a model being (re)loaded, not a wrong name
+        if response.status == 404 and self._loading():  # a model being (re)loaded, not a wrong name
             raise _Retry(f"HTTP 404 while the server loads its models: {server_reason(error_text(data))[1]}")
+        if response.status != 404:
+            self._ready_since = None  # the next 404 starts a new grace
         header_length = response.getheader("Inference-Header-Content-Length")
         return response.status, data, None if header_length is None else int(header_length)
 
-    def _server_ready(self) -> bool:
-        """Triton's readiness (every model loaded); a 404 for a model while it is false means the model loads."""
+    def _loading(self) -> bool:
+        """Whether a 404 for the model may be the server still loading it: Triton is not ready yet, or it has been
+        ready for less than `model_load_grace_s` (PyTriton loads the models one after the other, and Triton can
+        report ready between two). A 404 that outlasts the grace on a ready server is a wrong model name."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout_s)
         try:
             conn.request("GET", "/v2/health/ready")
-            return conn.getresponse().status == 200
+            ready = conn.getresponse().status == 200
         except (OSError, http.client.HTTPException):
-            return False
+            ready = False
         finally:
             conn.close()
+        now = time.monotonic()
+        if not ready:
+            self._ready_since = None
+            return True
+        if self._ready_since is None:
+            self._ready_since = now
+        return now - self._ready_since < self.model_load_grace_s
 
     def close(self) -> None:
         """Wake threads blocked on a socket or in a backoff, then close every connection."""

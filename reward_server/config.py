@@ -143,6 +143,9 @@ class ServerConfig:
     # SIGTERM: how long requests already accepted may take to finish before Triton gives up on them (Triton's
     # exit timeout). Keep it under torchrun's 30 s between SIGTERM and SIGKILL.
     drain_timeout_s: int = 20
+    # SIGTERM: once the accepted requests are answered, keep answering new ones with 503 this long before Triton
+    # stops (while Triton stops, a request can meet a reset; after it, its port refuses connections).
+    drain_refuse_s: float = 1.0
     # At start-up (e.g. a torchrun restart) wait this long for a previous server to release the ports.
     port_wait_s: float = 60.0
     # Tries to start Triton before the rank gives up (PyTriton's start-up handshake can fail under CPU load).

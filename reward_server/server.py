@@ -171,7 +171,6 @@ class RewardService:
         self.metrics = metrics  # metrics.Metrics, or None
         self.refusing: Optional[Unavailable] = None  # set while draining or failed: new requests get 503 at once
         self._admit: dict = {}  # while draining: per model, requests still to take (queued in Triton before)
-        self._inside: dict = {}  # per model, requests in our infer functions now
         self._admit_lock = threading.Lock()
 
     def infer_native(self, requests) -> List[dict]:
@@ -182,11 +181,13 @@ class RewardService:
 
     def drain(self, refusal: Unavailable, pending: dict) -> None:
         """Refuse new requests with `refusal`, except those that Triton had already accepted when the drain
-        began: `pending[model]` (Triton's count of its requests not yet answered, ours included) minus those in
-        our infer functions now are still in its queue (first in, first out), so the first that many to reach
-        each model's infer function from now on are scored like the requests already here."""
+        began: `pending[model]` (Triton's nv_inference_pending_request_count) were waiting in its queue, first
+        in, first out, so the first that many to reach each model's infer function from now on are scored like
+        the requests already here. Whether that count also includes the requests being executed is not
+        documented; taken as is, it errs towards scoring a few requests that came after the signal, never
+        towards refusing one that came before."""
         with self._admit_lock:
-            self._admit = {m: max(0, n - self._inside.get(m, 0)) for m, n in pending.items()}
+            self._admit = dict(pending)
             self.refusing = refusal
 
     def admitting(self) -> bool:
@@ -199,13 +200,8 @@ class RewardService:
             n = len(requests) if refusal is None else min(len(requests), self._admit.get(model, 0))
             if refusal is not None:
                 self._admit[model] = self._admit.get(model, 0) - n
-            self._inside[model] = self._inside.get(model, 0) + n
-        try:
-            refused = [self._failure(refusal) for _ in requests[n:]]
-            return (self._infer(requests[:n], decode) if n else []) + refused
-        finally:
-            with self._admit_lock:
-                self._inside[model] -= n
+        refused = [self._failure(refusal) for _ in requests[n:]]
+        return (self._infer(requests[:n], decode) if n else []) + refused
 
     def _infer(self, requests, decode: Callable) -> List[dict]:
         try:

