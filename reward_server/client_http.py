@@ -159,8 +159,10 @@ class HttpTransport:
                     conn.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        self._connections_to_close = connections
 
     def close_connections(self) -> None:
-        for conn in getattr(self, "_connections_to_close", []):
+        """After the worker threads are gone (RemoteGPTRMClient.close)."""
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
             conn.close()

@@ -234,6 +234,9 @@ class RewardService:
             return self._failure(row_failure(excs))
         for exc in excs:
             self._count(code_of(exc))
+        if not excs:  # the usual case: nothing to merge
+            return {**self.outputs.scored(np.stack(outcome), rows),
+                    "error": np.full((len(rows), 1), b"", dtype=object)}
         at = [i for i, r in enumerate(outcome) if not isinstance(r, BaseException)]
         scored = self.outputs.scored(np.stack([outcome[i] for i in at]), [rows[i] for i in at])
         response = merge_rows(len(rows), at, scored, self.outputs.failed(len(rows)))

@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Dict
+from typing import Dict
 
 from . import distributed as d
 from .engine import RanksFailed
@@ -55,19 +55,19 @@ class Watchdog:
             if since is not None and time.monotonic() - since > self.timeout_s:
                 self.lost(f"a forward has not finished in {self.timeout_s:g} s (parallel.timeout_s): a rank hangs")
 
-    def lost(self, reason: str, exit: Callable[[int], None] = os._exit) -> None:
+    def lost(self, reason: str) -> None:
         """Fail every request with `reason`, exit non-zero. Ignored once the main thread saw a failure itself
         (gloo reports a lost peer at once; it then calls `exit_after_failure`) or after a clean shutdown."""
         if self.leader.failed is not None or self.leader.finished:
             return
-        self._fail_and_exit(reason, exit)
+        self._fail_and_exit(reason)
 
     def exit_after_failure(self, exc: BaseException) -> None:
         """The main thread's way out after the group failed: its callers were answered; exit at once (the reaper
         takes Triton down) rather than stop Triton gracefully, so torchrun can restart the group sooner."""
-        self._fail_and_exit(f"the ranks' group failed ({type(exc).__name__})", os._exit)
+        self._fail_and_exit(f"the ranks' group failed ({type(exc).__name__})")
 
-    def _fail_and_exit(self, reason: str, exit: Callable[[int], None]) -> None:
+    def _fail_and_exit(self, reason: str) -> None:
         if not self._fired.acquire(blocking=False):
             return
         log.error("%s: failing every request and exiting, so that torchrun restarts the group", reason)
@@ -83,4 +83,4 @@ class Watchdog:
                     os.kill(pid, signal.SIGKILL)
                     log.error("sent SIGKILL to rank %d (pid %d)", rank, pid)
         logging.shutdown()
-        exit(1)
+        os._exit(1)
