@@ -26,6 +26,7 @@ from .server import (AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, r
 log = logging.getLogger("reward_server")
 
 AUTO_QUEUED_FORWARDS = 32  # batching.max_queued_tokens=null: this many forwards' token budgets
+STUB_HANDOFF_S = 1.0  # while draining: more than Triton ever takes to hand a dequeued batch to its Python stub
 DRAIN_POLL_S = 0.05  # while draining: how often to look whether every accepted request was answered
 
 
@@ -115,13 +116,16 @@ def serve(cfg: ServeConfig) -> int:
             queued = metrics.triton_queued()
             service.drain(ShuttingDown("the reward server is shutting down; retry"),
                           {"native": queued.get(cfg.server.model_name, 0),
-                           "nemo": queued.get(cfg.server.nemo_model_name, 0)})
-            log.info("draining: %d request(s) accepted and not answered yet (%d batch(es) at rank 0)",
+                           "nemo": queued.get(cfg.server.nemo_model_name, 0)},
+                          dequeued_before=time.monotonic() + STUB_HANDOFF_S)
+            log.info("draining: %d request(s) waiting in Triton's queue, %d batch(es) at rank 0",
                      sum(queued.values()), leader.queued_batches)
             deadline = time.monotonic() + cfg.server.drain_timeout_s
             while (leader.queued_batches or service.admitting()) and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
             time.sleep(cfg.server.drain_refuse_s)  # clients sending now get a clear 503, not a reset from Triton's stop
+            log.info("drained: requests admitted after the signal: %d on their way from Triton, %d from its queue; "
+                     "%d refused", service.drained["in flight"], service.drained["queued"], service.drained["refused"])
             triton.stop()  # waits for requests still in flight
             leader.close()
         threading.Thread(target=stop, name="shutdown", daemon=True).start()

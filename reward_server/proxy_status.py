@@ -7,11 +7,15 @@ to PyTriton's proxy model (as reward_status.py) and hooks `with_status` and `gua
 - guarded: the proxy's `execute`, except that a request with an empty input (which PyTriton cannot copy to its
   shared memory) is answered here with INVALID_ARG, and an exception of the proxy itself fails the batch with
   a one-line INTERNAL error (the traceback goes to Triton's log) instead of sending the traceback to clients.
+  It also notes when Triton handed the batch over (time.monotonic(), one clock for every process of the host).
+- stamped: the proxy's `_wrap_request`; it puts that time in each request's parameters as DEQUEUED, so that a
+  draining server knows which requests had left Triton's queue before the signal (server.py, RewardService).
 Keep this file free of imports from reward_server.
 """
 
 STATUS = "reward_server_status"
 MESSAGE = "reward_server_message"
+DEQUEUED = "reward_server_dequeued"  # request parameter: when the stub received the request's batch
 
 
 def _error(message: str, code_name: str):
@@ -41,11 +45,13 @@ def _empty_input(request):
 
 def guarded(execute):
     def guarded_execute(self, requests):
+        import time
         import traceback
 
         import triton_python_backend_utils as pb_utils  # type: ignore
 
         try:
+            self._requests_server.reward_dequeued = time.monotonic()  # one batch at a time per instance
             refused = {i: why for i, why in ((i, _empty_input(r)) for i, r in enumerate(requests)) if why}
             rest = [r for i, r in enumerate(requests) if i not in refused]
             answers = iter(execute(self, rest) if rest else [])
@@ -56,3 +62,12 @@ def guarded(execute):
             return [_error("the server failed this batch (see its log); retry", "INTERNAL") for _ in requests]
 
     return guarded_execute
+
+
+def stamped(wrap_request):
+    def stamped_wrap_request(self, triton_request, inputs, span=None):
+        request = wrap_request(self, triton_request, inputs, span)
+        request.parameters = {**(request.parameters or {}), DEQUEUED: getattr(self, "reward_dequeued", None)}
+        return request
+
+    return stamped_wrap_request

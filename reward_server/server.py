@@ -28,7 +28,7 @@ import torch
 from .config import ServeConfig
 from .engine import ForwardError, Leader, ShuttingDown
 from .inputs import InputError, RequestDecoder, Row, good
-from . import statuses, triton_logs
+from . import proxy_status, statuses, triton_logs
 from .statuses import Unavailable, code_of, failure
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ class RewardService:
         self.metrics = metrics  # metrics.Metrics, or None
         self.refusing: Optional[Unavailable] = None  # set while draining or failed: new requests get 503 at once
         self._admit: dict = {}  # while draining: per model, requests still to take (queued in Triton before)
+        self._dequeued_before = 0.0  # while draining: requests the stub took from Triton's queue before this time
+        self.drained = {"in flight": 0, "queued": 0, "refused": 0}  # while draining: requests admitted, by rule
         self._admit_lock = threading.Lock()
 
     def infer_native(self, requests) -> List[dict]:
@@ -179,15 +181,18 @@ class RewardService:
     def infer_nemo(self, requests) -> List[dict]:
         return self._admitted(requests, self.decoder.nemo, "nemo")
 
-    def drain(self, refusal: Unavailable, pending: dict) -> None:
-        """Refuse new requests with `refusal`, except those that Triton had already accepted when the drain
-        began: `pending[model]` (Triton's nv_inference_pending_request_count) were waiting in its queue, first
-        in, first out, so the first that many to reach each model's infer function from now on are scored like
-        the requests already here. Whether that count also includes the requests being executed is not
-        documented; taken as is, it errs towards scoring a few requests that came after the signal, never
-        towards refusing one that came before."""
+    def drain(self, refusal: Unavailable, pending: dict, dequeued_before: float) -> None:
+        """Refuse new requests with `refusal`, except those that Triton had already accepted when the drain began:
+        - those its stub took from Triton's queue before `dequeued_before` (time.monotonic(), taken after `pending`
+          was read), which may still be on their way to us (proxy_status.py stamps them), and
+        - `pending[model]` more (Triton's nv_inference_pending_request_count: requests waiting in its queue,
+          handed over first in, first out): the first that many taken from the queue later.
+        Requests sent after the signal may take the place of requests counted in `pending` that were taken in
+        between and admitted by their stamp; so the rule errs towards scoring a few requests that came after the
+        signal, never towards refusing one that came before."""
         with self._admit_lock:
             self._admit = dict(pending)
+            self._dequeued_before = dequeued_before
             self.refusing = refusal
 
     def admitting(self) -> bool:
@@ -197,11 +202,24 @@ class RewardService:
     def _admitted(self, requests, decode: Callable, model: str) -> List[dict]:
         with self._admit_lock:
             refusal = self.refusing
-            n = len(requests) if refusal is None else min(len(requests), self._admit.get(model, 0))
+            admit = [refusal is None or self._accepted_before(request, model) for request in requests]
             if refusal is not None:
-                self._admit[model] = self._admit.get(model, 0) - n
-        refused = [self._failure(refusal) for _ in requests[n:]]
-        return (self._infer(requests[:n], decode) if n else []) + refused
+                self.drained["refused"] += admit.count(False)
+        taken = [request for request, ok in zip(requests, admit) if ok]
+        answers = iter(self._infer(taken, decode) if taken else [])
+        return [next(answers) if ok else self._failure(refusal) for ok in admit]
+
+    def _accepted_before(self, request, model: str) -> bool:
+        """While draining (under the lock): whether this request was accepted before the signal."""
+        dequeued = (getattr(request, "parameters", None) or {}).get(proxy_status.DEQUEUED)
+        if isinstance(dequeued, float) and dequeued < self._dequeued_before:
+            self.drained["in flight"] += 1
+            return True
+        if self._admit.get(model, 0) > 0:
+            self._admit[model] -= 1
+            self.drained["queued"] += 1
+            return True
+        return False
 
     def _infer(self, requests, decode: Callable) -> List[dict]:
         try:
