@@ -16,7 +16,7 @@ from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, ShuttingDown, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .metrics import Metrics
-from .model import load_scalar_scorer
+from .model import load_scalar_scorer, needs_warm_up, resolve_attn
 from .prm import StepDecoder, StepOutputs, load_step_scorer
 from .scoring.scorer import warm_up
 from .watchdog import Watchdog
@@ -53,11 +53,14 @@ def serve(cfg: ServeConfig) -> int:
         scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching, topo)
     else:
         scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
-    if cfg.batching.warmup:
+    if cfg.batching.warmup if cfg.batching.warmup is not None else needs_warm_up(cfg.model, topo):
         start = time.monotonic()
         warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward)
         if topo.is_leader:
             log.info("warm-up done in %.1f s", time.monotonic() - start)
+    elif topo.is_leader:
+        log.info("warm-up skipped: nothing to compile on the %s with %s attention (batching.warmup=true runs it)",
+                 topo.device.type, resolve_attn(cfg.model.attn_implementation, topo.device))
     layout = scorer.layout
     if topo.is_leader:
         log.info("layout %s%s, forwards of up to %d tokens computed per replica", layout.kind,

@@ -98,8 +98,9 @@ class BatchingConfig:
     # of the row length.
     packed_row_tokens: int = 0
     # Run the forward on synthetic batches of a few shapes at start-up, so that kernel selection and
-    # flex_attention's compilation happen before the first request.
-    warmup: bool = True
+    # flex_attention's / torch.compile's compilation happen before the first request. null = auto: on with CUDA,
+    # model.compile or flex_attention; off on the CPU with eager / sdpa attention (nothing to compile or tune).
+    warmup: Optional[bool] = None
     # Launch the next forward (sent to the ranks, queued on the GPU) before the current one's rewards are read
     # back, so the GPU never waits for rank 0's Python between forwards. Rewards are the same either way. GPU only:
     # on the CPU a forward runs to its end when launched, so there is nothing to overlap.

@@ -30,6 +30,19 @@ def resolve_attn(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_compile(cfg: ModelConfig, topo: Topology) -> bool:
+    """model.compile; auto: on with CUDA and one rank per replica (measured faster there, docs/performance.md)."""
+    return cfg.compile if cfg.compile is not None else (topo.device.type == "cuda" and topo.tp_size == 1)
+
+
+def needs_warm_up(cfg: ModelConfig, topo: Topology) -> bool:
+    """batching.warmup auto: when there is something to compile or tune before the first request (CUDA kernels,
+    torch.compile, flex_attention); not on the CPU with eager/sdpa attention, where a warm-up only costs start-up
+    time (measured, tiny model, 2 ranks on 2 cores: ready after 12.5 s instead of 24.6 s, first requests as fast)."""
+    return (topo.device.type == "cuda" or resolve_compile(cfg, topo)
+            or resolve_attn(cfg.attn_implementation, topo.device) == "flex_attention")
+
+
 def resolve_path(cfg: ModelConfig, topo: Topology) -> str:
     """The checkpoint directory; for the embedded default, rank 0 builds it on first use while the others wait
     (transformers' save_pretrained writes weights from rank 0 only)."""
@@ -83,8 +96,7 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
 def maybe_compile(model, cfg: ModelConfig, topo: Topology) -> None:
     """model.compile (auto: CUDA and one rank per replica). Called once a loader's own checks have run, so that they
     do not compile graphs the forwards never use."""
-    use_compile = cfg.compile if cfg.compile is not None else (topo.device.type == "cuda" and topo.tp_size == 1)
-    if use_compile:
+    if resolve_compile(cfg, topo):
         n = compile_layers(model)
         if topo.rank == 0:
             log.info("model.compile: %d decoder layers compiled with torch.compile (on first use: the warm-up)", n)

@@ -8,6 +8,11 @@ to PyTriton's proxy model (as reward_status.py) and hooks `with_status` and `gua
   shared memory) is answered here with INVALID_ARG, and an exception of the proxy itself fails the batch with
   a one-line INTERNAL error (the traceback goes to Triton's log) instead of sending the traceback to clients.
   It also notes when Triton handed the batch over (time.monotonic(), one clock for every process of the host).
+- patient: the proxy's `get_config_from_handshake_server`, which each model instance but the first calls at load
+  to read its configuration from a socket that the first instance serves. PyTriton gives it 1 s and one try; on
+  a loaded machine the socket file appears before its server listens (connection refused) or later than 1 s,
+  the model fails to load and Triton has to be started again (seen with 6 instances on 2 cores). This one keeps
+  trying for HANDSHAKE_PATIENCE_S.
 - stamped: the proxy's `_wrap_request`; it puts that time in each request's parameters as DEQUEUED, so that a
   draining server knows which requests had left Triton's queue before the signal (server.py, RewardService).
 Keep this file free of imports from reward_server.
@@ -15,6 +20,8 @@ Keep this file free of imports from reward_server.
 
 STATUS = "reward_server_status"
 MESSAGE = "reward_server_message"
+HANDSHAKE_PATIENCE_S = 60.0  # how long a model instance waits for the first instance's configuration socket
+HANDSHAKE_RETRY_S = 0.02
 DEQUEUED = "reward_server_dequeued"  # request parameter: when the stub received the request's batch
 
 
@@ -71,3 +78,19 @@ def stamped(wrap_request):
         return request
 
     return stamped_wrap_request
+
+
+def patient(get_config):
+    def patient_get_config(socket_path, *args, **kwargs):
+        import time
+
+        deadline = time.monotonic() + HANDSHAKE_PATIENCE_S
+        while True:
+            try:
+                return get_config(socket_path, *args, **kwargs)
+            except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(HANDSHAKE_RETRY_S)
+
+    return patient_get_config

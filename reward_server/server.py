@@ -159,6 +159,9 @@ def row_failure(excs: List[BaseException]) -> BaseException:
     return next((type(e)(shown) for e in excs if isinstance(e, Unavailable)), ForwardError(shown))
 
 
+ERROR_LINE_CHARS = 300  # a logged one-line reason is cut here
+
+
 class RewardService:
     """The infer functions. They never raise (PyTriton would fail the whole Triton batch with a traceback): each
     request gets its rewards, with NaN and a reason in `error` for each row that could not be scored, or, when
@@ -325,11 +328,12 @@ def start_triton(cfg: ServeConfig, service: RewardService, instances: int, acces
     for attempt in range(1, s.start_attempts + 1):
         try:
             return _start_triton(cfg, service, instances, access_token, inference_token, triton_metrics_port)
-        except Exception:
+        except Exception as exc:
             if attempt == s.start_attempts:
                 raise
-            log.warning("Triton did not start (attempt %d of %d); trying again", attempt, s.start_attempts,
-                        exc_info=True)
+            log.warning("Triton did not start (attempt %d of %d: %s); trying again", attempt, s.start_attempts,
+                        " ".join(str(exc).split())[:ERROR_LINE_CHARS])
+            log.debug("why Triton did not start", exc_info=True)
 
 
 def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,

@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
 KINDS = {INVALID_ARG: "input", UNAVAILABLE: "unavailable", INTERNAL: "internal"}  # metrics' error kinds
 _STUB_MODULE = "reward_status"
-_HOOK = (f"\n\n# reward-server: per-request statuses (reward_server/statuses.py)\n"
+_HOOK = (f"\n\n# reward-server: per-request statuses and more (reward_server/statuses.py, proxy_status.py)\n"
          f"from .{_STUB_MODULE} import guarded as _reward_guarded, stamped as _reward_stamped  # noqa: E402\n"
-         f"from .{_STUB_MODULE} import with_status as _reward_with_status  # noqa: E402\n"
+         f"from .{_STUB_MODULE} import patient as _reward_patient, with_status as _reward_with_status  # noqa: E402\n"
+         f"get_config_from_handshake_server = _reward_patient(get_config_from_handshake_server)\n"
          f"_wrap_response = _reward_with_status(_wrap_response)\n"
          f"TritonRequestsServer._wrap_request = _reward_stamped(TritonRequestsServer._wrap_request)\n"
          f"TritonPythonModel.execute = _reward_guarded(TritonPythonModel.execute)\n")

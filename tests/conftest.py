@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny real checkpoints saved with save_pretrained, and a real server started with
 torchrun (gloo, CPU) on free ports."""
 
+import contextlib
 import os
 import random
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -120,17 +122,30 @@ class Server:
         return self.proc.returncode
 
     def stop(self, timeout=30.0):
-        """Teardown: SIGTERM, and SIGKILL to the whole group if that does not end it in `timeout` s."""
-        try:
-            self.terminate(timeout=timeout)
-        except Exception:
-            self.kill()
+        """Teardown of a server whose shutdown is not under test: SIGKILL to torchrun and its ranks, and rank 0's
+        reaper stops Triton (reward_server/lifecycle.py; tests/test_rank_failure.py checks that it does). A graceful
+        SIGTERM drain takes ~9 s on 2 cores, mostly Triton unloading its Python backend stubs; tests/test_serve.py
+        and tests/test_security_drain.py check that path."""
+        self.kill()
 
     def kill(self):
         if self.proc.poll() is None:
+            ranks = children(self.proc.pid)
             os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.wait()
         self._log.close()
+
+
+def children(pid: int) -> List[int]:
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+    return out
 
 
 @pytest.fixture

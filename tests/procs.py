@@ -1,12 +1,11 @@
 """Helpers for the reliability tests: a server shared by a test module, and its processes read from /proc."""
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Dict, List
 
-from conftest import Server
+from conftest import Server, children
 
 
 @contextlib.contextmanager
@@ -19,15 +18,6 @@ def running_server(log_dir: Path, overrides, nproc=2, models=("reward", "reward_
         yield srv.wait_ready(models)
     finally:
         srv.stop(timeout=60)
-
-
-def children(pid: int) -> List[int]:
-    out = []
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(p) for p in f.read().split()]
-    return out
 
 
 def descendants(pid: int) -> List[int]:

@@ -3,7 +3,6 @@ submitted batches, every row back to its own caller, bit-identical to scoring th
 
 import random
 import threading
-import time
 from collections import deque
 
 import numpy as np

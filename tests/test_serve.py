@@ -96,8 +96,11 @@ def test_default_model_serves_and_sigterm_exits_cleanly(start_server):
 
 
 def test_four_ranks_two_replicas_of_tensor_parallel_two(start_server, llama_ckpt):
-    """world 4 = 2 data-parallel replicas x tensor parallel 2 (transformers' TP inside each replica)."""
-    srv = start_server(4, [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=2", "batching.instances=1"])
+    """world 4 = 2 data-parallel replicas x tensor parallel 2 (transformers' TP inside each replica); with the
+    start-up warm-up (on by default on the GPU), whose synthetic forwards must line up across the ranks."""
+    srv = start_server(4, [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=2", "batching.instances=1",
+                           "batching.warmup=true"])
     seqs = mixed_sequences(12, seed=3, max_len=256)
     np.testing.assert_allclose(score_tokens(srv.url, seqs, per_request=6, clients=2),
                                reference_rewards(llama_ckpt, seqs), atol=1e-4, rtol=0)
+    assert "warm-up done in" in srv.log()
