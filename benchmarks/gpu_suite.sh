@@ -53,7 +53,7 @@ for stage in $STAGES; do
     pid=$!
     wait_ready localhost:8000 ${READY_S:-600} || { tail -50 "$OUT/server.log"; stop $pid; exit 1; }
     echo "server ready after $(( $(date +%s) - start )) s" | tee "$OUT/startup.txt"
-    [ -n "${SKIP_CHECK:-}" ] || python3 benchmarks/check_server.py --model "$MODEL" --n 64 ${CHECK_ARGS:-} | tee "$OUT/check.json"
+    [ -n "${SKIP_CHECK:-}" ] || python3 -m reward_server.check --model "$MODEL" --n 64 --json ${CHECK_ARGS:-} | tee "$OUT/check.json"
     [ -n "${SKIP_FIXED:-}" ] || python3 benchmarks/perf.py --input /tmp/fixed512.json --concurrency 64 --label "$LABEL fixed-512" | tee "$OUT/perf_fixed512.md"
     for w in ${WORKLOADS:-rlhf}; do
       python3 benchmarks/perf.py --input /tmp/$w.json --concurrency ${CONCURRENCY:-1 8 64} --requests ${REQUESTS:-0} --label "$LABEL $w" | tee "$OUT/perf_$w.md"

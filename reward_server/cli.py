@@ -16,7 +16,8 @@ from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, ShuttingDown, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .metrics import Metrics
-from .model import load_scalar_scorer, needs_warm_up, resolve_attn
+from .checkpoint import StartupError
+from .model import load_scalar_scorer, needs_warm_up
 from .prm import StepDecoder, StepOutputs, load_step_scorer
 from .scoring.scorer import warm_up
 from .watchdog import Watchdog
@@ -49,18 +50,24 @@ def serve(cfg: ServeConfig) -> int:
     prm = cfg.reward.kind == "prm"
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
-    if prm:
-        scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching, topo)
-    else:
-        scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
-    if cfg.batching.warmup if cfg.batching.warmup is not None else needs_warm_up(cfg.model, topo):
+    try:
+        if prm:
+            scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching, topo)
+        else:
+            scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
+    except StartupError as exc:  # what to change, in one line; every rank finds the same
+        if topo.is_leader:
+            log.error("cannot start: %s", exc)
+        return 2
+    attn = model_config._attn_implementation
+    if cfg.batching.warmup if cfg.batching.warmup is not None else needs_warm_up(cfg.model, topo, attn):
         start = time.monotonic()
         warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward)
         if topo.is_leader:
             log.info("warm-up done in %.1f s", time.monotonic() - start)
     elif topo.is_leader:
         log.info("warm-up skipped: nothing to compile on the %s with %s attention (batching.warmup=true runs it)",
-                 topo.device.type, resolve_attn(cfg.model.attn_implementation, topo.device))
+                 topo.device.type, attn)
     layout = scorer.layout
     if topo.is_leader:
         log.info("layout %s%s, forwards of up to %d tokens computed per replica", layout.kind,

@@ -32,7 +32,8 @@ class ModelConfig:
     path: Optional[str] = None
     # auto: bfloat16 on GPU, float32 on CPU. Else float32 | bfloat16 | float16.
     dtype: str = "auto"
-    # auto: flex_attention on GPU (sparse block masks for packed rows), sdpa on CPU.
+    # auto: flex_attention on GPU (sparse block masks for packed rows), sdpa on CPU; eager for a model class that
+    # supports neither (e.g. Gemma2 has no sdpa: eager on the CPU, like transformers' own default for it).
     attn_implementation: str = "auto"
     # Longest sequence accepted, in tokens; null takes the model's max_position_embeddings.
     max_length: Optional[int] = None
@@ -45,6 +46,10 @@ class ModelConfig:
     pooling: str = "last_non_pad"
     # Passed to the tokenizer for `text` inputs (chat-formatted `messages` get the template's own tokens).
     add_special_tokens: bool = True
+    # Replaces the tokenizer's chat template for `messages`: a file holding the template, a directory holding a
+    # tokenizer whose template to use, or the Jinja template itself; null keeps the checkpoint's own.
+    chat_template: Optional[str] = None
+    # Run the checkpoint's own modeling code (config.json auto_map) for a model type transformers does not know.
     trust_remote_code: bool = False
     # torch.compile each decoder layer (fuses the norms, rotary embedding, activation and residual adds around
     # the matrix multiplies); null = auto: on with CUDA and tensor_parallel_size 1. Compilation happens during

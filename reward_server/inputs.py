@@ -18,6 +18,7 @@ import numpy as np
 
 NATIVE_INPUTS = ("text", "messages", "token_ids")
 _ID_SEPARATORS = bytes.maketrans(b",[]", b"   ")
+MAX_REASON_CHARS = 300  # a reason quoted from a library (a chat template's own error) is cut here
 
 
 class InputError(ValueError):
@@ -137,8 +138,15 @@ class RequestDecoder:
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages)):
                 raise InputError(f"row {row}: messages must be a non-empty list of {{role, content}} strings")
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            try:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception as exc:  # the template's own checks (raise_exception: roles must alternate, ...)
+                message = " ".join(str(exc).split())[:MAX_REASON_CHARS]
+                raise InputError(f"row {row}: the chat template refused these messages: {message}") from None
 
+        if not self.tokenizer.chat_template:
+            raise InputError("this model's tokenizer has no chat template: send text or token_ids, or start the "
+                             "server with model.chat_template=FILE|DIR|TEMPLATE")
         # the template writes the special tokens itself
         return self._tokenized(_per_row(self._strings(column), render), add_special_tokens=False)
 

@@ -4,6 +4,7 @@ import logging
 import time
 import torch
 
+from .checkpoint import check_remote_code, check_score_head, load_tokenizer, model_class_for, resolve_attn
 from .config import BatchingConfig, ModelConfig
 from .default_model import default_model_path
 from . import distributed as d
@@ -24,23 +25,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def resolve_attn(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "flex_attention" if device.type == "cuda" else "sdpa"
-    return name
-
-
 def resolve_compile(cfg: ModelConfig, topo: Topology) -> bool:
     """model.compile; auto: on with CUDA and one rank per replica (measured faster there, docs/performance.md)."""
     return cfg.compile if cfg.compile is not None else (topo.device.type == "cuda" and topo.tp_size == 1)
 
 
-def needs_warm_up(cfg: ModelConfig, topo: Topology) -> bool:
+def needs_warm_up(cfg: ModelConfig, topo: Topology, attn: str) -> bool:
     """batching.warmup auto: when there is something to compile or tune before the first request (CUDA kernels,
     torch.compile, flex_attention); not on the CPU with eager/sdpa attention, where a warm-up only costs start-up
     time (measured, tiny model, 2 ranks on 2 cores: ready after 12.5 s instead of 24.6 s, first requests as fast)."""
-    return (topo.device.type == "cuda" or resolve_compile(cfg, topo)
-            or resolve_attn(cfg.attn_implementation, topo.device) == "flex_attention")
+    return topo.device.type == "cuda" or resolve_compile(cfg, topo) or attn == "flex_attention"
 
 
 def resolve_path(cfg: ModelConfig, topo: Topology) -> str:
@@ -75,9 +69,11 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     """from_pretrained on every rank: whole model per rank (data parallel) or transformers' own tensor
     parallelism within each replica (see tensor_parallel_kwargs)."""
     path = resolve_path(cfg, topo)
+    check_remote_code(path, cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype, topo.device)
-    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.attn_implementation, topo.device),
-                  trust_remote_code=cfg.trust_remote_code)
+    model_type = model_class_for(model_class, path, cfg.trust_remote_code)
+    attn = resolve_attn(cfg.attn_implementation, topo.device, model_type)
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     kwargs.update(extra)
     if topo.rank == 0:
         log.info("loading %s from %s (dtype %s, tp %d x dp %d)", model_class.__name__, path, dtype,
@@ -151,12 +147,11 @@ def pad_token_id(model, tokenizer) -> int:
 def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topology):
     """A sequence-classification model's scorer: its head at each sequence's pooled token (model.pooling:
     transformers' rule, the last token that is not the pad token, by default; or the true last token)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     model, path = load_pretrained(AutoModelForSequenceClassification, cfg, topo)
-    if not hasattr(model, "score"):
-        raise ValueError(f"{type(model).__name__} has no `score` head; expected a *ForSequenceClassification model")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    check_score_head(model)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.chat_template)
     maybe_compile(model, cfg, topo)
     if cfg.pooling not in POOLINGS:
         raise ValueError(f"model.pooling={cfg.pooling!r}: expected one of {POOLINGS}")

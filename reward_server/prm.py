@@ -15,6 +15,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from .checkpoint import load_tokenizer, probe_attn
 from .config import BatchingConfig, ModelConfig, RewardConfig
 from .distributed import Topology
 from .inputs import InputError, RequestDecoder
@@ -202,11 +203,11 @@ def check_head(model, backbone, head, probe: List[int], device: torch.device) ->
     """The scorer applies `head` to the backbone's hidden states itself (to skip the vocabulary projection
     everywhere but at the steps); refuse a model whose own logits are something else (e.g. soft-capped)."""
     ids = torch.tensor([probe], device=device)
-    # sdpa for the probe: flex_attention compiles on first use, and compiling it (and its block mask) for a
+    # sdpa (or eager) for the probe: flex_attention compiles on first use, and compiling it (and its block mask) for a
     # few-token eager forward cost start-up seconds and a recompile in the warm-up, for shapes no forward uses
     attn = model.config._attn_implementation
     if attn == "flex_attention":
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(probe_attn(model))
     try:
         with torch.no_grad():  # no KV cache: a cache object per layer would make compiled layers recompile
             full = model(input_ids=ids, use_cache=False).logits.float()
@@ -225,7 +226,7 @@ def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, batching: Batchi
     check_config(cfg)
     default = "AutoModelForTokenClassification" if cfg.score == "classifier" else "AutoModelForCausalLM"
     model, path = load_pretrained(getattr(transformers, cfg.model_class or default), model_cfg, topo)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    tokenizer = load_tokenizer(path, model_cfg.trust_remote_code, model_cfg.chat_template)
     vocab_size = model.config.vocab_size
     tag = make_step_tag(cfg, tokenizer, vocab_size)
     if cfg.score == "classifier":

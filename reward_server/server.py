@@ -27,7 +27,7 @@ import torch
 
 from .config import ServeConfig
 from .engine import ForwardError, Leader, ShuttingDown
-from .inputs import InputError, RequestDecoder, Row, good
+from .inputs import MAX_REASON_CHARS, InputError, RequestDecoder, Row, good
 from . import proxy_status, statuses, triton_logs
 from .statuses import Unavailable, code_of, failure
 
@@ -157,9 +157,6 @@ def row_failure(excs: List[BaseException]) -> BaseException:
     if all(isinstance(e, InputError) for e in excs):
         return InputError(shown)
     return next((type(e)(shown) for e in excs if isinstance(e, Unavailable)), ForwardError(shown))
-
-
-ERROR_LINE_CHARS = 300  # a logged one-line reason is cut here
 
 
 class RewardService:
@@ -332,7 +329,7 @@ def start_triton(cfg: ServeConfig, service: RewardService, instances: int, acces
             if attempt == s.start_attempts:
                 raise
             log.warning("Triton did not start (attempt %d of %d: %s); trying again", attempt, s.start_attempts,
-                        " ".join(str(exc).split())[:ERROR_LINE_CHARS])
+                        " ".join(str(exc).split())[:MAX_REASON_CHARS])
             log.debug("why Triton did not start", exc_info=True)
 
 

@@ -41,24 +41,42 @@ def build_tokenizer(vocab_size: int = 512):
     return _train_tokenizer(vocab_size)
 
 
-def save_seqcls_checkpoint(path: Path, arch: str = "llama", num_labels: int = 1, seed: int = 0) -> Path:
-    """A tiny random sequence-classification model of the given architecture plus a real tokenizer."""
-    from transformers import (LlamaConfig, LlamaForSequenceClassification, Qwen2Config,
-                              Qwen2ForSequenceClassification)
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
+WINDOW = 48  # sliding window of the families that have one: shorter than the test sequences, so that it matters
 
+
+def family_model(arch: str, **common):
+    """A tiny random *ForSequenceClassification of one family (the config features that set it apart on)."""
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaForSequenceClassification(tf.LlamaConfig(**common))
+    if arch == "qwen2":  # sliding window on its upper layer only (config.layer_types)
+        return tf.Qwen2ForSequenceClassification(tf.Qwen2Config(**common, use_sliding_window=True,
+                                                                 sliding_window=WINDOW, max_window_layers=1))
+    if arch == "qwen3":  # q/k norms
+        return tf.Qwen3ForSequenceClassification(tf.Qwen3Config(**common, head_dim=16))
+    if arch == "mistral":  # sliding window on every layer
+        return tf.MistralForSequenceClassification(tf.MistralConfig(**common, sliding_window=WINDOW))
+    if arch == "gemma2":  # attention logit soft-capping, alternating sliding / full layers, scaled embeddings
+        return tf.Gemma2ForSequenceClassification(tf.Gemma2Config(**common, head_dim=16, sliding_window=WINDOW,
+                                                                   attn_logit_softcapping=50.0, query_pre_attn_scalar=16))
+    if arch == "gemma3":  # q/k norms, local / global layers with their own rotary bases
+        return tf.Gemma3TextForSequenceClassification(tf.Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=16))
+    raise ValueError(f"unknown family {arch!r}; expected one of {FAMILIES}")
+
+
+def save_seqcls_checkpoint(path: Path, arch: str = "llama", num_labels: int = 1, seed: int = 0) -> Path:
+    """A tiny random sequence-classification model of the given family plus a real tokenizer."""
     tok = build_tokenizer()
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   num_labels=num_labels, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id)
-    if arch == "llama":
-        cfg, cls = LlamaConfig(**common), LlamaForSequenceClassification
-    elif arch == "qwen2":
-        cfg, cls = Qwen2Config(**common), Qwen2ForSequenceClassification
-    else:
-        raise ValueError(arch)
     torch.manual_seed(seed)
-    model = cls(cfg)
+    model = family_model(arch, **common)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

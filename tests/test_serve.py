@@ -1,5 +1,8 @@
 """End to end: torchrun 2 ranks (gloo), real PyTriton server, rewards equal a plain transformers forward."""
 
+import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,10 +79,23 @@ def test_llama_two_ranks_match_plain_forward(start_server, llama_ckpt, tp, layou
     check_server(srv.url, llama_ckpt)
 
 
-def test_qwen2_checkpoint_by_path(start_server, qwen2_ckpt):
+def test_qwen2_checkpoint_by_path_and_the_parity_command(start_server, qwen2_ckpt, tmp_path):
+    """Then `python -m reward_server.check` (README) against the same tensor-parallel server: a sample of token ids
+    with shared prompts, and texts (the server's tokenization too), each against plain float32 transformers."""
     srv = start_server(2, [f"model.path={qwen2_ckpt}", "parallel.tensor_parallel_size=2"],
                        models=("reward", "reward_model"))
     check_server(srv.url, qwen2_ckpt, n_seqs=12)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS))
+    for extra in ([], ["--texts", str(texts)]):
+        run = subprocess.run([sys.executable, "-m", "reward_server.check", "--model", str(qwen2_ckpt), "--url",
+                              srv.url, "--n", "24", "--json", *extra], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        report = json.loads(run.stdout)
+        assert report["pass"] and report["float32"]["max_abs_diff"] < 1e-4, report
+        lines = len("\n".join(TEXTS).splitlines())  # one text per line
+        assert report["sequences"] == (lines if extra else 24), report
+        assert report["input"] == ("text" if extra else "token_ids"), report
 
 
 def test_default_model_serves_and_sigterm_exits_cleanly(start_server):

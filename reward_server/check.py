@@ -1,0 +1,157 @@
+"""Parity check: score a sample through a running reward server and through plain transformers, and print how
+far apart they are.
+
+    python -m reward_server.check --model PATH [--url http://localhost:8000] [--n 64] [--texts FILE]
+
+The sample is token ids drawn from the model's vocabulary: independent sequences of many lengths, and groups that
+share a prompt (the server computes a shared prefix once), each sent as `token_ids` so that both sides see the
+same tokens. With --texts (one text per line) the texts are sent as `text` instead, so the server's tokenization
+is checked too (the reference tokenizes them with the checkpoint's tokenizer and add_special_tokens=True, the
+server's default). The reference runs each sequence alone, unpadded, in float32 on the CPU; on a GPU in bfloat16
+(what the server serves there) and in float32, and the verdict asks whether the server is as close to float32 as
+plain bfloat16 transformers is. Exit status 0 when the check passes, 1 when it does not.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+GROUP = 8  # sequences per shared prompt in the sample
+MAX_SAMPLE_TOKENS = 1024  # longest sampled sequence (and never past the model's max_position_embeddings)
+FP32_ATOL = 1e-4  # float32 server vs float32 transformers: same arithmetic up to summation order
+BF16_SLACK = 1.25  # bfloat16 server vs float32 may be this much further than plain bfloat16 transformers is
+
+
+def sample(n: int, vocab: int, max_len: int, seed: int = 0) -> List[np.ndarray]:
+    """n sequences: half independent with log-uniform lengths in [8, max_len], half in groups sharing a prompt."""
+    rng = np.random.default_rng(seed)
+
+    def ids(k: int) -> np.ndarray:
+        return rng.integers(3, vocab, k).astype(np.int64)
+
+    def length(lo: int, hi: int) -> int:
+        return int(np.exp(rng.uniform(np.log(lo), np.log(max(lo, hi)))))
+
+    seqs = [ids(length(8, max_len)) for _ in range(n - n // 2)]
+    while len(seqs) < n:
+        prompt = ids(length(8, max_len // 2))
+        seqs += [np.concatenate([prompt, ids(length(1, max_len - len(prompt)))]) for _ in range(GROUP)]
+    return seqs[:n]
+
+
+def plain_rewards(model_path: str, seqs: List[np.ndarray], dtype: torch.dtype, device: torch.device,
+                  trust_remote_code: bool) -> np.ndarray:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=dtype,
+                                                               trust_remote_code=trust_remote_code)
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        out = np.stack([model(input_ids=torch.as_tensor(s, device=device)[None]).logits[0].float().cpu().numpy()
+                        for s in seqs])
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], timeout_s: float) -> np.ndarray:
+    import tritonclient.http as http
+
+    client = http.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout_s,
+                                        connection_timeout=timeout_s)
+    data = np.array([[r] for r in rows], dtype=object)
+    tensor = http.InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    result = client.infer(model_name, [tensor])
+    errors = [e for e in result.as_numpy("error").reshape(-1) if e]
+    if errors:
+        raise SystemExit(f"the server failed {len(errors)} of {len(rows)} rows, e.g. {errors[0].decode()}")
+    return result.as_numpy("rewards")
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    d = np.abs(a - b)
+    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean())}
+
+
+def run(args) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    say = (lambda *_: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    if args.texts:
+        texts = [t for t in Path(args.texts).read_text().splitlines() if t.strip()][: args.n]
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        seqs = [np.asarray(ids, dtype=np.int64) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        name, rows = "text", [t.encode() for t in texts]
+    else:
+        max_len = min(MAX_SAMPLE_TOKENS, getattr(config, "max_position_embeddings", MAX_SAMPLE_TOKENS))
+        seqs = sample(args.n, config.vocab_size, max_len, args.seed)
+        name, rows = "token_ids", [" ".join(map(str, s.tolist())).encode() for s in seqs]
+    tokens = sum(len(s) for s in seqs)
+    say(f"scoring {len(seqs)} sequences ({tokens} tokens, as {name}) through {args.url} ...")
+    started = time.monotonic()
+    served = served_rewards(args.url, args.model_name, name, rows, args.timeout_s)
+    report = {"model": args.model, "url": args.url, "sequences": len(seqs), "tokens": tokens, "input": name,
+              "served_s": round(time.monotonic() - started, 2), "labels": int(served.shape[1])}
+    say(f"... {report['served_s']} s; plain transformers on {device.type}, one sequence at a time ...")
+    if device.type == "cpu":
+        plain = plain_rewards(args.model, seqs, torch.float32, device, args.trust_remote_code)
+        report["float32"] = compare(served, plain)
+        report["reward_std"] = float(plain.std())
+        report["pass"] = report["float32"]["max_abs_diff"] <= args.atol
+        report["rule"] = f"served vs float32 transformers: max |diff| <= {args.atol}"
+    else:
+        bf16 = plain_rewards(args.model, seqs, torch.bfloat16, device, args.trust_remote_code)
+        fp32 = plain_rewards(args.model, seqs, torch.float32, device, args.trust_remote_code)
+        report["served_vs_bfloat16"] = compare(served, bf16)
+        report["served_vs_float32"] = compare(served, fp32)
+        report["bfloat16_vs_float32"] = compare(bf16, fp32)
+        report["reward_std"] = float(fp32.std())
+        limit = BF16_SLACK * report["bfloat16_vs_float32"]["mean_abs_diff"]
+        report["pass"] = report["served_vs_float32"]["mean_abs_diff"] <= limit
+        report["rule"] = (f"served vs float32 mean |diff| <= {BF16_SLACK} x plain bfloat16 vs float32 "
+                          f"({limit:.3g})")
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['sequences']} sequences, {report['tokens']} tokens, {report['labels']} label(s), reward std "
+          f"{report['reward_std']:.3g}")
+    for key in ("float32", "served_vs_bfloat16", "served_vs_float32", "bfloat16_vs_float32"):
+        if key in report:
+            what = "served vs float32 transformers" if key == "float32" else key.replace("_", " ")
+            print(f"  {what:34s} max |diff| {report[key]['max_abs_diff']:.3g}   mean {report[key]['mean_abs_diff']:.3g}")
+    print(f"{'PASS' if report['pass'] else 'FAIL'}: {report['rule']}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reward_server.check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the checkpoint directory the server serves")
+    p.add_argument("--url", default="http://localhost:8000")
+    p.add_argument("--model-name", default="reward", help="the server's native model (server.model_name)")
+    p.add_argument("--n", type=int, default=64, help="sequences in the sample")
+    p.add_argument("--texts", help="a file of texts, one per line, sent as `text` (tokenization checked too)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="where the reference runs (default: cuda if there is one, else cpu)")
+    p.add_argument("--atol", type=float, default=FP32_ATOL, help="float32 (CPU) pass limit on max |diff|")
+    p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    args = p.parse_args(argv)
+    report = run(args)
+    print(json.dumps(report)) if args.json else print_report(report)
+    return 0 if report["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
