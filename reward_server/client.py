@@ -7,8 +7,10 @@
 
 This module schedules: a batch larger than the server's max batch size is split into requests sent concurrently
 by worker threads and put back in order (RewardFuture); a cancelled call drops its requests not yet sent. The
-wire format is client_wire.py (Triton's binary tensors over plain HTTP), the transport and its retry policy
-client_http.py (rides through server restarts for up to `restart_budget_s`), the exceptions client_errors.py.
+wire format is client_wire.py (Triton's binary tensors over plain HTTP), the transport to one server
+client_http.py, the choice of server and the retry policy client_servers.py (rides through server restarts for
+up to `restart_budget_s`; with several servers, moves a failed request to another), the exceptions
+client_errors.py.
 A sequence that fails the server's checks is never retried and is reported by its index in the caller's batch.
 torch is imported only when the caller passes torch tensors (and then rewards come back as torch tensors).
 Nothing here touches torch.distributed: in a data-parallel actor every rank makes its own client and sends only
@@ -23,7 +25,7 @@ import threading
 import weakref
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urlsplit
 
 import numpy as np
@@ -31,6 +33,7 @@ import numpy as np
 from .client_errors import (RewardCancelled, RewardInputError, RewardServerError, RewardServerUnavailable,
                             RewardTimeout, input_error, server_reason)
 from .client_http import HttpTransport
+from .client_servers import ServerPool
 from .client_wire import Scores, encode_batch, error_text, parse_response, request_body
 
 __all__ = ["RemoteGPTRMClient", "RewardFuture", "Scores", "RewardServerError", "RewardInputError",
@@ -208,10 +211,21 @@ class _Workers:
 # ---------------------------------------------------------------------------------------------------- client
 
 
+def host_port(url: str) -> Tuple[str, int]:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"url must be host:port or http://host:port, got {url!r}")
+    return parts.hostname, parts.port or 8000
+
+
+
 class RemoteGPTRMClient:
     """Client of the reward server's native model for RL actors (PPO, REINFORCE, GRPO, search).
 
-    url               "host:port" or "http://host:port" of the server's HTTP endpoint
+    url               "host:port" or "http://host:port" of the server's HTTP endpoint, or a list of them: several
+                      servers of the same model (one per node or replica group); each request goes to the one
+                      with the fewest of this client's requests in flight, and a request whose server fails is
+                      sent to another at once (client_servers.py)
     model_name        the server's native model (`server.model_name`)
     max_batch_size    most sequences per request; None reads the model's max_batch_size from the server once
     concurrency       requests in flight at once (worker threads, one keep-alive connection each)
@@ -227,23 +241,23 @@ class RemoteGPTRMClient:
     reward_mean/std   when set, rewards come back as (reward - mean) / std (scalars or one value per label)
     """
 
-    def __init__(self, url: str = "localhost:8000", model_name: str = "reward", *,
+    def __init__(self, url: Union[str, Sequence[str]] = "localhost:8000", model_name: str = "reward", *,
                  max_batch_size: Optional[int] = None, concurrency: int = 4, connect_timeout_s: float = 5.0,
                  request_timeout_s: float = 600.0, restart_budget_s: float = 120.0, retries: Optional[int] = None,
                  retry_backoff_s: float = 0.5, max_backoff_s: float = 5.0, model_load_grace_s: float = 15.0,
                  reward_mean=None, reward_std=None):
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"url must be host:port or http://host:port, got {url!r}")
-        self.host, self.port = parts.hostname, parts.port or 8000
-        self.url = f"http://{self.host}:{self.port}"
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("url: give at least one server")
         self.model_name = model_name
         self.reward_mean = None if reward_mean is None else np.asarray(reward_mean, dtype=np.float32)
         self.reward_std = None if reward_std is None else np.asarray(reward_std, dtype=np.float32)
         if self.reward_std is not None and not (self.reward_std > 0).all():
             raise ValueError(f"reward_std must be positive, got {reward_std}")
-        self._http = HttpTransport(self.host, self.port, connect_timeout_s, request_timeout_s, restart_budget_s,
-                                   retry_backoff_s, max_backoff_s, retries, model_load_grace_s)
+        transports = [HttpTransport(*host_port(u), connect_timeout_s, request_timeout_s, model_load_grace_s)
+                      for u in urls]
+        self._http = ServerPool(transports, restart_budget_s, retry_backoff_s, max_backoff_s, retries)
+        self.url = self._http.url
         self._max_batch_size = max_batch_size
         self._config_lock = threading.Lock()
         self._closed = False
@@ -290,10 +304,10 @@ class RemoteGPTRMClient:
         """Most sequences per request: as set, else the model's max_batch_size read once from the server."""
         with self._config_lock:
             if self._max_batch_size is None:
-                status, body, _ = self._http.request("GET", f"/v2/models/{quote(self.model_name)}/config",
-                                                     what="model config")
+                status, body, _, url = self._http.request("GET", f"/v2/models/{quote(self.model_name)}/config",
+                                                          what="model config")
                 if status != 200:
-                    raise RewardServerError(f"{self.url}: cannot read the config of model {self.model_name!r} "
+                    raise RewardServerError(f"{url}: cannot read the config of model {self.model_name!r} "
                                             f"(HTTP {status}): {error_text(body)}")
                 self._max_batch_size = max(1, int(json.loads(body).get("max_batch_size", 0)))
             return self._max_batch_size
@@ -333,11 +347,11 @@ class RemoteGPTRMClient:
         n = len(rows)
         what = f"sequences {start}..{start + n - 1}"
         body, headers = request_body(name, rows)
-        status, data, header_length = self._http.request("POST", f"/v2/models/{quote(self.model_name)}/infer",
-                                                         body, headers, what=what, cancelled=handle.future.done)
+        status, data, header_length, url = self._http.request("POST", f"/v2/models/{quote(self.model_name)}/infer",
+                                                              body, headers, what=what, cancelled=handle.future.done)
         if status != 200:
             cls, message = server_reason(error_text(data))
             if status == 400 or cls == "InputError":  # 400: every row of the request failed the server's checks
                 raise input_error(message, start, n)
-            raise RewardServerError(f"{self.url} failed {what} (HTTP {status}): {message}", None, message)
-        return parse_response(data, header_length, n, start, what, self.url)
+            raise RewardServerError(f"{url} failed {what} (HTTP {status}): {message}", None, message)
+        return parse_response(data, header_length, n, start, what, url)

@@ -1,12 +1,11 @@
-"""RemoteGPTRMClient's transport: one keep-alive HTTP connection per worker thread (http.client), and the retry
-policy that lets an RL actor ride through a server restart.
+"""RemoteGPTRMClient's transport to one server: one keep-alive HTTP connection per worker thread (http.client),
+and what each answer means.
 
 What the server's answer or the connection says decides, not its text:
   the server's state - connection refused / reset / lost (the server restarting, a rank failed, a deploy),
       HTTP 503 (overloaded, draining, ranks restarting), HTTP 404 for the model while Triton (re)loads it (not
-      ready yet, or ready for less than `model_load_grace_s`):
-      retried with exponential backoff and jitter for up to `restart_budget_s`, then RewardServerUnavailable
-      saying what was seen. Scoring is idempotent, so a request lost with a failed group is simply sent again.
+      ready yet, or ready for less than `model_load_grace_s`): Retry; client_servers.py sends the request again
+      (to another server, or to this one after a backoff) for up to `restart_budget_s`.
   the caller's input - HTTP 400: returned to the caller, which raises RewardInputError at once.
   anything else (500: a server fault) - returned; the caller raises RewardServerError.
 A sent request with no answer within `request_timeout_s` raises RewardTimeout (not retried: the server may
@@ -14,69 +13,31 @@ still be working on it); an unknown host raises at once.
 """
 
 import http.client
-import random
 import socket
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .client_errors import RewardCancelled, RewardServerUnavailable, RewardTimeout, server_reason
 from .client_wire import error_text
 
 
-
-class _Retry(Exception):
+class Retry(Exception):
     """A failure of the server's state, worth another attempt."""
 
 
 class HttpTransport:
     def __init__(self, host: str, port: int, connect_timeout_s: float, request_timeout_s: float,
-                 restart_budget_s: float, retry_backoff_s: float, max_backoff_s: float, retries: Optional[int],
                  model_load_grace_s: float):
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
         self.connect_timeout_s, self.request_timeout_s = connect_timeout_s, request_timeout_s
-        self.restart_budget_s, self.retry_backoff_s, self.max_backoff_s = restart_budget_s, retry_backoff_s, max_backoff_s
-        self.retries = retries
         self.model_load_grace_s = model_load_grace_s
         self._ready_since: Optional[float] = None  # when a 404 first met a ready server (see _loading)
         self._local = threading.local()
         self._connections: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._closed = threading.Event()
-
-    def request(self, method: str, path: str, body: Optional[bytes] = None, headers: Optional[dict] = None, *,
-                what: str, cancelled: Callable[[], bool] = lambda: False) -> Tuple[int, bytes, Optional[int]]:
-        """(HTTP status, body, Inference-Header-Content-Length), riding through the server's restarts."""
-        started, failures = time.monotonic(), []
-        while True:
-            if self._closed.is_set():
-                raise RewardCancelled(f"{what}: the client was closed")
-            if cancelled():
-                raise RewardCancelled(f"{what}: cancelled before it was sent")
-            try:
-                return self._once(method, path, body, headers or {}, what)
-            except _Retry as exc:
-                failures.append(str(exc))
-            elapsed = time.monotonic() - started
-            if (self.retries is not None and len(failures) > self.retries) or elapsed >= self.restart_budget_s:
-                raise RewardServerUnavailable(self._unavailable(what, failures, elapsed), None, failures[-1])
-            delay = min(self.retry_backoff_s * 2 ** (len(failures) - 1), self.max_backoff_s)
-            delay = min(delay * (1 + 0.5 * random.random()), self.restart_budget_s - elapsed)  # jitter, never past
-            self._closed.wait(max(delay, 0.0))                                               # the budget
-
-    def _unavailable(self, what: str, failures: List[str], elapsed: float) -> str:
-        last = failures[-1]
-        if all("refused" in f or "cannot connect" in f for f in failures):
-            hint = "nothing answered at this host and port: is the server running there?"
-        elif "shutting down" in last:
-            hint = "the server was shutting down"
-        elif "overloaded" in last:
-            hint = "the server stayed overloaded"
-        else:
-            hint = f"the server did not come back within restart_budget_s={self.restart_budget_s:g}"
-        return (f"reward server {self.url} unavailable for {what}: {last} ({len(failures)} attempts in "
-                f"{elapsed:.1f}s; {hint})")
 
     def _connection(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
@@ -87,7 +48,10 @@ class HttpTransport:
                 self._connections.append(conn)
         return conn
 
-    def _once(self, method, path, body, headers, what):
+    def attempt(self, method: str, path: str, body: Optional[bytes], headers: dict,
+                what: str) -> Tuple[int, bytes, Optional[int]]:
+        """One try: (HTTP status, body, Inference-Header-Content-Length), or Retry when the server's state is
+        to blame (client_servers.py decides where and when to try again)."""
         conn = self._connection()
         if conn.sock is None:
             try:
@@ -97,7 +61,7 @@ class HttpTransport:
                 raise RewardServerUnavailable(f"reward server {self.url}: unknown host ({exc})") from None
             except OSError as exc:
                 conn.close()
-                raise _Retry(f"cannot connect ({exc})") from None
+                raise Retry(f"cannot connect ({exc})") from None
             conn.sock.settimeout(self.request_timeout_s)
             if self._closed.is_set():  # close() ran while this thread connected
                 conn.close()
@@ -116,13 +80,13 @@ class HttpTransport:
             conn.close()
             if self._closed.is_set():
                 raise RewardCancelled(f"{what}: the client was closed") from None
-            raise _Retry(f"connection lost ({exc!r})") from None
+            raise Retry(f"connection lost ({exc!r})") from None
         if response.will_close:
             conn.close()
         if response.status == 503:
-            raise _Retry(f"HTTP 503: {server_reason(error_text(data))[1]}")
+            raise Retry(f"HTTP 503: {server_reason(error_text(data))[1]}")
         if response.status == 404 and self._loading():  # a model being (re)loaded, not a wrong name
-            raise _Retry(f"HTTP 404 while the server loads its models: {server_reason(error_text(data))[1]}")
+            raise Retry(f"HTTP 404 while the server loads its models: {server_reason(error_text(data))[1]}")
         if response.status != 404:
             self._ready_since = None  # the next 404 starts a new grace
         header_length = response.getheader("Inference-Header-Content-Length")
