@@ -19,6 +19,6 @@ setup(
         "tritonclient[all]==2.51.0",
         "prometheus-client>=0.20",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "requests"]},
     entry_points={"console_scripts": ["reward-server=reward_server.cli:main"]},
 )

@@ -16,12 +16,13 @@ from .config import ServeConfig, register_schema
 from .engine import Engine, Leader, ShuttingDown, run_subscriber
 from .inputs import RequestDecoder, SequenceRules
 from .metrics import Metrics
+from .openrlhf import EOS_MODES, OpenRLHFEndpoint
 from .checkpoint import StartupError
 from .model import load_scalar_scorer, needs_warm_up
 from .prm import StepDecoder, StepOutputs, load_step_scorer
 from .scoring.scorer import warm_up
 from .watchdog import Watchdog
-from .server import (AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
+from .server import (ACCESS_HEADER, AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
                      resolve_inference_token, start_triton)
 
 log = logging.getLogger("reward_server")
@@ -47,6 +48,8 @@ def serve(cfg: ServeConfig) -> int:
     started = time.monotonic()
     if cfg.reward.kind not in ("scalar", "prm"):
         raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
+    if cfg.server.openrlhf_eos not in EOS_MODES:
+        raise ValueError(f"server.openrlhf_eos={cfg.server.openrlhf_eos!r}: expected one of {EOS_MODES}")
     prm = cfg.reward.kind == "prm"
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
@@ -111,6 +114,9 @@ def serve(cfg: ServeConfig) -> int:
     instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
+    if cfg.server.openrlhf_port:
+        OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
+                         cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER).start()
     log.info(ready_line(cfg, time.monotonic() - started))
     draining = threading.Event()
 

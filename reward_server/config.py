@@ -135,6 +135,13 @@ class ServerConfig:
     # triton_metrics_port on the loopback (0: any free port); each scrape of metrics_port includes them.
     metrics_port: int = 8002
     triton_metrics_port: int = 0
+    # OpenRLHF's remote reward model contract, POST /get_reward on this port (reward_server/openrlhf.py); null: off.
+    openrlhf_port: Optional[int] = None
+    # strip_and_append: like OpenRLHF's serve_rm, pad and EOS tokens off both ends of each query, then one EOS;
+    # as_is: the query as sent.
+    openrlhf_eos: str = "strip_and_append"
+    # OpenRLHF requests scored at once (each waits on the engine on a thread of its own).
+    openrlhf_concurrency: int = 64
     metrics_scrape_timeout_s: float = 2.0
     # Token for Triton's protected endpoints (model-repository, statistics, trace, logging, shared-memory). Read
     # from this environment variable, else from access_token_file, else generated and written to access_token_file

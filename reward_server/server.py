@@ -181,6 +181,10 @@ class RewardService:
     def infer_nemo(self, requests) -> List[dict]:
         return self._admitted(requests, self.decoder.nemo, "nemo")
 
+    def infer_openrlhf(self, requests) -> List[dict]:
+        """openrlhf.py's requests ({"text": column}); never in Triton's queue, so refused once draining."""
+        return self._admitted(requests, self.decoder.native, "openrlhf")
+
     def drain(self, refusal: Unavailable, pending: dict, dequeued_before: float) -> None:
         """Refuse new requests with `refusal`, except those that Triton had already accepted when the drain began:
         - those its stub took from Triton's queue before `dequeued_before` (time.monotonic(), taken after `pending`
@@ -402,5 +406,6 @@ def ready_line(cfg: ServeConfig, seconds: float) -> str:
     s = cfg.server
     models = " and ".join(f"http://{s.host}:{s.http_port}/v2/models/{m}/infer" for m in (s.model_name, s.nemo_model_name)
                           if m)
+    openrlhf = f"; OpenRLHF http://{s.host}:{s.openrlhf_port}/get_reward" if s.openrlhf_port else ""
     return (f"ready after {seconds:.0f} s: {models}; gRPC {s.host}:{s.grpc_port}; "
-            f"metrics http://{s.host}:{s.metrics_port}/metrics")
+            f"metrics http://{s.host}:{s.metrics_port}/metrics{openrlhf}")
