@@ -141,15 +141,16 @@ def test_a_server_killed_mid_batch_its_requests_go_to_the_other(servers, llama_c
                            restart_budget_s=60) as client:
         handle = client.infer_rm(seqs)
         deadline = time.monotonic() + 60
-        while requests_served(victim) < 3 and time.monotonic() < deadline:  # both servers at work
+        served_before = (0.0, 0.0)
+        while min(served_before) < 2 and time.monotonic() < deadline:  # both servers at work on the batch
             time.sleep(0.05)
-        served_before = requests_served(victim), requests_served(survivor)
+            served_before = requests_served(victim), requests_served(survivor)
         victim.kill()  # SIGKILL torchrun and its rank; Triton goes with rank 0 (lifecycle.py)
         killed = time.monotonic()
         rewards = handle.result(timeout=120)
         print(f"served before the kill: victim {served_before[0]:.0f}, survivor {served_before[1]:.0f} requests; "
               f"the rest done {time.monotonic() - killed:.1f} s after it")
-        assert served_before[0] >= 3 and served_before[1] >= 3, served_before
+        assert min(served_before) >= 2, served_before
         np.testing.assert_allclose(rewards, expected, atol=1e-4, rtol=0)
         again = client.infer_rm(seqs[:50]).result(timeout=60)  # the dead server is skipped from now on
         np.testing.assert_allclose(again, expected[:50], atol=1e-4, rtol=0)
