@@ -149,7 +149,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     args = p.parse_args(argv)
     report = run(args)
-    print(json.dumps(report)) if args.json else print_report(report)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
     return 0 if report["pass"] else 1
 
 

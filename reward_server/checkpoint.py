@@ -33,7 +33,8 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
     config = read_config(path)
     if trust_remote_code or config.get("model_type") in CONFIG_MAPPING:
         return
-    code = sorted(set((config.get("auto_map") or {}).values()))
+    code = sorted({c for v in (config.get("auto_map") or {}).values() for c in (v if isinstance(v, list) else [v])
+                   if c})  # AutoTokenizer's entry is a [slow, fast] pair
     if code:
         raise StartupError(f"model.path={path}: the checkpoint's model type {config.get('model_type')!r} needs its own "
                            f"code ({', '.join(code)}); set model.trust_remote_code=true if you trust that code")
