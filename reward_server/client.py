@@ -218,7 +218,6 @@ def host_port(url: str) -> Tuple[str, int]:
     return parts.hostname, parts.port or 8000
 
 
-
 class RemoteGPTRMClient:
     """Client of the reward server's native model for RL actors (PPO, REINFORCE, GRPO, search).
 
