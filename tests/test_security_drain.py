@@ -244,6 +244,8 @@ def test_drain_admits_requests_taken_from_the_queue_before_the_signal_and_the_co
     assert service.admitting()  # one counted request of the NeMo model still to come
     assert service.infer_nemo([_Request(13.0), _Request(13.1)])[0] == {"ok": True}
     assert not service.admitting()
+    service._admit["native"] = 5  # even with Triton requests still to come: OpenRLHF's never queue in Triton
+    assert bytes(service.infer_openrlhf([{"text": None}])[0][proxy_status.STATUS][0]) == b"UNAVAILABLE"
     refusal = answers[-1]
     assert bytes(refusal[proxy_status.STATUS][0]) == b"UNAVAILABLE"
     assert bytes(refusal[proxy_status.MESSAGE][0]) == b"shutting down"
