@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from transformers import AutoTokenizer
 from conftest import REPO, free_port, reference_rewards
 from procs import running_server
 from reward_server.client import RemoteGPTRMClient
-from reward_server.openrlhf import BadRequest, openrlhf_text, parse
+from reward_server.openrlhf import BadRequest, OpenRLHFEndpoint, openrlhf_text, parse
+from reward_server.statuses import Unavailable, failure
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -151,3 +153,31 @@ def test_verl_custom_reward_function_as_verls_reward_loop_calls_it(server, monke
                                    [s["ground_truth"] for s in samples], [s["extra_info"] for s in samples])
     np.testing.assert_allclose(batch, expected, atol=1e-6, rtol=0)
     json.dumps(batch)  # plain floats
+
+
+class _FakeService:
+    """What OpenRLHFEndpoint needs of RewardService: the decoder's limits and infer_openrlhf."""
+
+    def __init__(self, answer):
+        self.decoder = SimpleNamespace(rules=SimpleNamespace(max_request_bytes=10 ** 6))
+        self.answer, self.seen = answer, []
+
+    def infer_openrlhf(self, requests):
+        self.seen.append([bytes(r[0]).decode() for r in requests[0]["text"]])
+        return [self.answer]
+
+
+def test_endpoint_token_and_statuses_in_process():
+    tokenizer = SimpleNamespace(pad_token="<pad>", eos_token="</s>")
+    scored = {"rewards": np.array([[0.5]], dtype=np.float32), "error": np.array([[b""]], dtype=object)}
+    service = _FakeService(scored)
+    port = free_port()
+    OpenRLHFEndpoint(service, tokenizer, "127.0.0.1", port, "strip_and_append", 4, "secret",
+                     "triton-access-token").start()
+    url = f"http://127.0.0.1:{port}/get_reward"
+    assert remote_rm_fn(url, {"query": ["a</s><pad>"]})[0] == 401 and not service.seen
+    ok = requests.post(url, json={"query": ["a</s><pad>"]}, headers={"triton-access-token": "secret"}, timeout=30)
+    assert ok.status_code == 200 and ok.json()["rewards"] == [0.5] and service.seen == [["a</s>"]]
+    service.answer = failure(Unavailable("the reward server is shutting down; retry"))
+    busy = requests.post(url, json={"query": ["b"]}, headers={"triton-access-token": "secret"}, timeout=30)
+    assert busy.status_code == 503 and busy.json() == {"error": "the reward server is shutting down; retry"}
