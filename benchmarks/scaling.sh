@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Scale-out table (issue 13): the same model and workload through the server in several layouts, one after the
+# other on the same box, each under perf_analyzer at several concurrencies; then one table with tokens/s vs the
+# first layout. Each layout is "NPROC [overrides...]"; separate layouts with ';'.
+#   OUT=/tmp/scaling MODEL=/tmp/rm8b bash benchmarks/scaling.sh
+#   LAYOUTS="1; 2 parallel.tensor_parallel_size=1; 4 parallel.tensor_parallel_size=1" CONCURRENCY="64 128 256" ...
+# Env: LAYOUTS (default: TP=1 on 1 rank; DP=2; TP=2; TP=2 with model.compile=true), CONCURRENCY (64 128),
+# REQUESTS (perf.py's --requests, 0: its default), WORKLOAD (rlhf: benchmarks/workload.py's kind), N (1000),
+# VOCAB (the model's), MODEL (/tmp/rm8b, made by benchmarks/make_model.py when missing), READY_S (600).
+set -uo pipefail
+OUT=${OUT:-/tmp/scaling}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
+export REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-bench-token}
+MODEL=${MODEL:-/tmp/rm8b}
+LAYOUTS=${LAYOUTS:-"1; 2 parallel.tensor_parallel_size=1; 2 parallel.tensor_parallel_size=2; 2 parallel.tensor_parallel_size=2 model.compile=true"}
+[ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL"
+VOCAB=${VOCAB:-$(python3 -c "import json; print(json.load(open('$MODEL/config.json'))['vocab_size'])")}
+W="$OUT/${WORKLOAD:-rlhf}.json"
+[ -f "$W" ] || python3 benchmarks/workload.py --kind "${WORKLOAD:-rlhf}" --out "$W" --n "${N:-1000}" --vocab "$VOCAB"
+
+ready() {
+  for _ in $(seq "${READY_S:-600}"); do
+    python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/models/reward/ready', timeout=2)" 2>/dev/null && return 0
+    sleep 1
+  done
+  return 1
+}
+
+: > "$OUT/perf.md"
+i=0
+IFS=';' read -ra layouts <<< "$LAYOUTS"
+for layout in "${layouts[@]}"; do
+  read -ra words <<< "$layout"
+  nproc=${words[0]}; overrides=("${words[@]:1}")
+  label="nproc=$nproc ${overrides[*]}"
+  start=$(date +%s)
+  torchrun --nproc_per_node "$nproc" serve_reward_model.py model.path="$MODEL" "${overrides[@]}" > "$OUT/server$i.log" 2>&1 &
+  pid=$!
+  if ready; then
+    echo "$label: ready after $(( $(date +%s) - start )) s" | tee -a "$OUT/startup.txt"
+    python3 benchmarks/perf.py --input "$W" --concurrency ${CONCURRENCY:-64 128} --requests "${REQUESTS:-0}" \
+      --label "$label" | tee -a "$OUT/perf.md"
+  else
+    echo "$label: not ready" | tee -a "$OUT/startup.txt"; tail -30 "$OUT/server$i.log"
+  fi
+  kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+  kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  i=$((i + 1))
+done
+
+python3 - "$OUT/perf.md" <<'PY' | tee "$OUT/scaling.md"
+import sys
+rows = [line.split("|")[1:-1] for line in open(sys.argv[1]) if line.startswith("| ") and not line.startswith("| label")]
+rows = [[c.strip() for c in r] for r in rows]
+base = {}
+print("| layout | concurrency | tokens/s | vs the first layout | p50 ms | p99 ms |")
+print("|---|---|---|---|---|---|")
+for label, conc, _, tok, p50, p99 in rows:
+    base.setdefault(conc, float(tok))
+    print(f"| {label} | {conc} | {float(tok):,.0f} | {float(tok) / base[conc]:.2f} | {p50} | {p99} |")
+PY
