@@ -66,6 +66,10 @@ def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], time
 
     client = http.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout_s,
                                         connection_timeout=timeout_s)
+    outputs = {o["name"] for o in client.get_model_metadata(model_name).get("outputs", [])}
+    if "step_rewards" in outputs:
+        raise SystemExit(f"{url} serves a process reward model ({model_name!r} answers step_rewards); this check "
+                         f"compares scalar rewards with a *ForSequenceClassification forward only")
     data = np.array([[r] for r in rows], dtype=object)
     tensor = http.InferInput(name, list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
