@@ -6,6 +6,8 @@ classification, DP=2), rlhflow (Llama chat, TP=2)."""
 
 from concurrent.futures import ThreadPoolExecutor
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -393,3 +395,10 @@ def test_bad_reward_config_fails_before_loading():
                          (dict(step_tag_source="ids"), "needs step_tag_ids"), (dict(max_steps=0), "max_steps")]:
         with pytest.raises(ValueError, match=message):
             check_config(RewardConfig(kind="prm", **bad))
+
+
+def test_the_parity_command_says_it_checks_scalar_rewards_only(shepherd):
+    srv, ckpt, _ = shepherd
+    run = subprocess.run([sys.executable, "-m", "reward_server.check", "--model", str(ckpt), "--url", srv.url],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "serves a process reward model" in run.stderr, run.stderr[-2000:]
