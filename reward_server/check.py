@@ -26,6 +26,7 @@ GROUP = 8  # sequences per shared prompt in the sample
 MAX_SAMPLE_TOKENS = 1024  # longest sampled sequence (and never past the model's max_position_embeddings)
 FP32_ATOL = 1e-4  # float32 server vs float32 transformers: same arithmetic up to summation order
 BF16_SLACK = 1.25  # bfloat16 server vs float32 may be this much further than plain bfloat16 transformers is
+PAIRS = 10_000  # pairs of sequences whose order is compared (all pairs when there are fewer)
 
 
 def sample(n: int, vocab: int, max_len: int, seed: int = 0) -> List[np.ndarray]:
@@ -80,9 +81,27 @@ def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], time
     return result.as_numpy("rewards")
 
 
-def compare(a: np.ndarray, b: np.ndarray) -> dict:
+def ranks(x: np.ndarray) -> np.ndarray:
+    out = np.empty(len(x))
+    out[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return out
+
+
+def compare(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """Distance, and whether the order of the sequences is kept (what RL uses): Spearman's rank correlation and
+    the share of pairs ordered alike (every pair, or PAIRS random ones), on the first label."""
     d = np.abs(a - b)
-    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean())}
+    x, y = a[:, 0].astype(np.float64), b[:, 0].astype(np.float64)
+    n = len(x)
+    if n * (n - 1) // 2 <= PAIRS:
+        i, j = np.triu_indices(n, 1)
+    else:
+        rng = np.random.default_rng(seed)
+        i, j = rng.integers(0, n, PAIRS), rng.integers(0, n, PAIRS)
+        i, j = i[i != j], j[i != j]
+    spearman = float(np.corrcoef(ranks(x), ranks(y))[0, 1]) if n > 1 else 1.0
+    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "spearman": spearman,
+            "pair_agreement": float(np.mean(np.sign(x[i] - x[j]) == np.sign(y[i] - y[j]))) if len(i) else 1.0}
 
 
 def run(args) -> dict:
@@ -133,7 +152,9 @@ def print_report(report: dict) -> None:
     for key in ("float32", "served_vs_bfloat16", "served_vs_float32", "bfloat16_vs_float32"):
         if key in report:
             what = "served vs float32 transformers" if key == "float32" else key.replace("_", " ")
-            print(f"  {what:34s} max |diff| {report[key]['max_abs_diff']:.3g}   mean {report[key]['mean_abs_diff']:.3g}")
+            r = report[key]
+            print(f"  {what:34s} max |diff| {r['max_abs_diff']:.3g}   mean {r['mean_abs_diff']:.3g}   "
+                  f"Spearman {r['spearman']:.5f}   pairs ordered alike {100 * r['pair_agreement']:.2f} %")
     print(f"{'PASS' if report['pass'] else 'FAIL'}: {report['rule']}")
 
 

@@ -206,3 +206,16 @@ def test_model_chat_template_from_a_string_a_file_or_a_tokenizer_directory(tmp_p
     ids = decoder(served).native(messages_column(conversation))[0]
     expected = served("[user] 2+2?\n[assistant] 4\n", add_special_tokens=False)["input_ids"]
     assert ids.tolist() == expected
+
+
+def test_parity_report_measures_distance_and_order():
+    from reward_server.check import compare
+
+    rewards = np.random.default_rng(0).normal(size=(300, 1))
+    assert compare(rewards, rewards) == {"max_abs_diff": 0.0, "mean_abs_diff": 0.0, "spearman": 1.0,
+                                         "pair_agreement": 1.0}
+    reversed_ = compare(rewards[:20], -rewards[:20])  # 190 pairs: every one compared
+    assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["pair_agreement"] == 0.0
+    swapped = rewards.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # one pair out of order, among 300 x 299 / 2 (sampled: 10,000)
+    assert 0.99 < compare(rewards, swapped)["pair_agreement"] < 1.0
