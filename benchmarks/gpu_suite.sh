@@ -17,19 +17,7 @@ STAGES=${STAGES:-server inprocess naive}
 LABEL=${LABEL:-ours}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 
-wait_ready() {  # host:port seconds: waits for the model `reward` to be ready
-  for _ in $(seq "$2"); do
-    python3 -c "import urllib.request,sys; urllib.request.urlopen('http://$1/v2/models/reward/ready', timeout=2)" 2>/dev/null && return 0
-    sleep 1
-  done
-  return 1
-}
-
-stop() {  # pid: SIGTERM (the server drains), then wait for it to exit
-  kill -TERM "$1" 2>/dev/null
-  for _ in $(seq 60); do kill -0 "$1" 2>/dev/null || return 0; sleep 1; done
-  kill -KILL "$1" 2>/dev/null
-}
+. benchmarks/lib.sh  # wait_ready, stop
 
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL" ${MAKE_ARGS:-}
 VOCAB=$(python3 -c "import json; print(json.load(open('$MODEL/config.json'))['vocab_size'])")

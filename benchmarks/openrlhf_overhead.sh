@@ -8,22 +8,16 @@ set -euo pipefail
 OUT=${OUT:-/tmp/openrlhf_overhead}; mkdir -p "$OUT"
 export REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-openrlhf-overhead-token}
 python3 benchmarks/workload.py --out "$OUT/w.json" --n "${N:-256}" --fixed "${FIXED:-128}" --vocab "${VOCAB:-512}"
-ready() {
-  for _ in $(seq 300); do
-    python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/models/reward/ready', timeout=2)" 2>/dev/null && return 0
-    sleep 1
-  done
-  return 1
-}
+. benchmarks/lib.sh  # wait_ready, stop
 for round in $(seq "${ROUNDS:-2}"); do
   for mode in off on; do
     extra=(); [ "$mode" = on ] && extra=(server.openrlhf_port=5000)
     torchrun --nproc_per_node "${NPROC:-2}" serve_reward_model.py ${MODEL:+model.path=$MODEL} "${extra[@]}" "$@" \
       > "$OUT/server-$mode-$round.log" 2>&1 &
     pid=$!
-    ready || { tail -30 "$OUT/server-$mode-$round.log"; kill $pid; exit 1; }
+    wait_ready localhost:8000 300 || { tail -30 "$OUT/server-$mode-$round.log"; stop $pid; exit 1; }
     python3 benchmarks/perf.py --input "$OUT/w.json" --concurrency "${CONCURRENCY:-8}" --requests "${REQUESTS:-256}" \
       --label "openrlhf endpoint $mode (round $round)" | tee -a "$OUT/perf.md"
-    kill -TERM $pid; wait $pid || true
+    stop $pid; wait $pid || true
   done
 done

@@ -18,13 +18,7 @@ VOCAB=${VOCAB:-$(python3 -c "import json; print(json.load(open('$MODEL/config.js
 W="$OUT/${WORKLOAD:-rlhf}.json"
 [ -f "$W" ] || python3 benchmarks/workload.py --kind "${WORKLOAD:-rlhf}" --out "$W" --n "${N:-1000}" --vocab "$VOCAB"
 
-ready() {
-  for _ in $(seq "${READY_S:-600}"); do
-    python3 -c "import urllib.request; urllib.request.urlopen('http://localhost:8000/v2/models/reward/ready', timeout=2)" 2>/dev/null && return 0
-    sleep 1
-  done
-  return 1
-}
+. benchmarks/lib.sh  # wait_ready, stop
 
 : > "$OUT/perf.md"
 i=0
@@ -36,16 +30,14 @@ for layout in "${layouts[@]}"; do
   start=$(date +%s)
   torchrun --nproc_per_node "$nproc" serve_reward_model.py model.path="$MODEL" "${overrides[@]}" > "$OUT/server$i.log" 2>&1 &
   pid=$!
-  if ready; then
+  if wait_ready localhost:8000 "${READY_S:-600}"; then
     echo "$label: ready after $(( $(date +%s) - start )) s" | tee -a "$OUT/startup.txt"
     python3 benchmarks/perf.py --input "$W" --concurrency ${CONCURRENCY:-64 128} --requests "${REQUESTS:-0}" \
       --label "$label" | tee -a "$OUT/perf.md"
   else
     echo "$label: not ready" | tee -a "$OUT/startup.txt"; tail -30 "$OUT/server$i.log"
   fi
-  kill -TERM "$pid" 2>/dev/null
-  for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-  kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+  stop "$pid"; wait "$pid" 2>/dev/null
   i=$((i + 1))
 done
 
