@@ -32,7 +32,6 @@ from . import proxy_status, statuses
 log = logging.getLogger(__name__)
 
 EOS_MODES = ("strip_and_append", "as_is")
-HTTP_STATUS = {statuses.INVALID_ARG: 400, statuses.UNAVAILABLE: 503, statuses.INTERNAL: 500}
 ROUTE = "/get_reward"
 
 
@@ -125,10 +124,10 @@ class OpenRLHFEndpoint:
         column = np.array([[t.encode("utf-8", "surrogatepass")] for t in texts], dtype=object)
         loop = asyncio.get_running_loop()
         answer = (await loop.run_in_executor(self._workers, self.service.infer_openrlhf, [{"text": column}]))[0]
-        if proxy_status.STATUS in answer:
-            code = bytes(answer[proxy_status.STATUS].reshape(-1)[0]).decode()
-            message = bytes(answer[proxy_status.MESSAGE].reshape(-1)[0]).decode("utf-8", "replace")
-            return web.json_response({"error": message}, status=HTTP_STATUS.get(code, 500))
+        failed = proxy_status.status_of(answer)
+        if failed is not None:
+            code, message = failed
+            return web.json_response({"error": message}, status=statuses.HTTP_STATUS.get(code, 500))
         rewards = answer["rewards"]
         values = rewards[:, 0].tolist() if rewards.shape[1] == 1 else rewards.tolist()
         errors = [bytes(e).decode("utf-8", "replace") for e in answer["error"].reshape(-1)]

@@ -31,12 +31,18 @@ def _error(message: str, code_name: str):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code_name)))
 
 
+def status_of(data):
+    """(code name, message) of a failed request's response dict, or None for a scored one."""
+    if data is None or STATUS not in data:
+        return None
+    return bytes(data[STATUS].reshape(-1)[0]).decode(), bytes(data[MESSAGE].reshape(-1)[0]).decode("utf-8", "replace")
+
+
 def with_status(wrap):
     def wrap_response(response, requested_output_names, model_outputs_dict):
-        data = response.data
-        if data is not None and STATUS in data:
-            return _error(bytes(data[MESSAGE].reshape(-1)[0]).decode("utf-8", "replace"),
-                          bytes(data[STATUS].reshape(-1)[0]).decode())
+        failed = status_of(response.data)
+        if failed is not None:
+            return _error(failed[1], failed[0])
         return wrap(response, requested_output_names, model_outputs_dict)
 
     return wrap_response

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # error code names of Triton's Python backend (pb_utils.TritonError.<name>)
 INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
 KINDS = {INVALID_ARG: "input", UNAVAILABLE: "unavailable", INTERNAL: "internal"}  # metrics' error kinds
+HTTP_STATUS = {INVALID_ARG: 400, UNAVAILABLE: 503, INTERNAL: 500}  # what Triton answers for each (table above)
 _STUB_MODULE = "reward_status"
 _HOOK = (f"\n\n# reward-server: per-request statuses and more (reward_server/statuses.py, proxy_status.py)\n"
          f"from .{_STUB_MODULE} import guarded as _reward_guarded, stamped as _reward_stamped  # noqa: E402\n"

@@ -5,7 +5,6 @@ layout is planned on the CPU and copied to the device without waiting for the GP
 import logging
 from typing import List
 
-import numpy as np
 import torch
 
 from .. import distributed as d
