@@ -19,6 +19,7 @@ setup(
         "tritonclient[all]==2.51.0",
         "prometheus-client>=0.20",
     ],
-    extras_require={"test": ["pytest", "pytest-timeout", "requests"]},
+    extras_require={"test": ["pytest", "pytest-timeout", "requests"],
+                    "fp8": ["torchao>=0.18"]},  # model.quantization=fp8: torchao built for your torch (README)
     entry_points={"console_scripts": ["reward-server=reward_server.cli:main"]},
 )

@@ -6,7 +6,9 @@
 #   LAYOUTS="1; 2 parallel.tensor_parallel_size=1; 4 parallel.tensor_parallel_size=1" CONCURRENCY="64 128 256" ...
 # Env: LAYOUTS (default: TP=1 on 1 rank; DP=2; TP=2; TP=2 with model.compile=true), CONCURRENCY (64 128),
 # REQUESTS (perf.py's --requests, 0: its default), WORKLOAD (rlhf: benchmarks/workload.py's kind), N (1000),
-# VOCAB (the model's), MODEL (/tmp/rm8b, made by benchmarks/make_model.py when missing), READY_S (600).
+# VOCAB (the model's), MODEL (/tmp/rm8b, made by benchmarks/make_model.py when missing), READY_S (600),
+# CHECK (indices of the layouts, from 0, whose rewards `python -m reward_server.check` compares with plain
+# transformers after the perf runs: check<i>.json; CHECK_ARGS its extra arguments, e.g. --device cuda:1).
 set -uo pipefail
 OUT=${OUT:-/tmp/scaling}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
@@ -34,6 +36,10 @@ for layout in "${layouts[@]}"; do
     echo "$label: ready after $(( $(date +%s) - start )) s" | tee -a "$OUT/startup.txt"
     python3 benchmarks/perf.py --input "$W" --concurrency ${CONCURRENCY:-64 128} --requests "${REQUESTS:-0}" \
       --label "$label" | tee -a "$OUT/perf.md"
+    if [[ " ${CHECK:-} " == *" $i "* ]]; then
+      python3 -m reward_server.check --model "$MODEL" --n 64 --json ${CHECK_ARGS:-} > "$OUT/check$i.json"
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], 'parity:', 'PASS' if r['pass'] else 'FAIL', {k: round(v['mean_abs_diff'], 4) for k, v in r.items() if isinstance(v, dict)})" "$OUT/check$i.json" "$label" | tee -a "$OUT/startup.txt"
+    fi
   else
     echo "$label: not ready" | tee -a "$OUT/startup.txt"; tail -30 "$OUT/server$i.log"
   fi

@@ -1,15 +1,19 @@
 """Parity check: score a sample through a running reward server and through plain transformers, and print how
 far apart they are.
 
-    python -m reward_server.check --model PATH [--url http://localhost:8000] [--n 64] [--texts FILE]
+    python -m reward_server.check --model PATH [--url http://localhost:8000] [--n 64] [--texts FILE | --inputs FILE]
+                                  [--quantized]
 
 The sample is token ids drawn from the model's vocabulary: independent sequences of many lengths, and groups that
 share a prompt (the server computes a shared prefix once), each sent as `token_ids` so that both sides see the
 same tokens. With --texts (one text per line) the texts are sent as `text` instead, so the server's tokenization
 is checked too (the reference tokenizes them with the checkpoint's tokenizer and add_special_tokens=True, the
-server's default). The reference runs each sequence alone, unpadded, in float32 on the CPU; on a GPU in bfloat16
+server's default); with --inputs, the token ids of a perf_analyzer input file (benchmarks/workload.py's) are sent.
+The reference runs each sequence alone, unpadded, in float32 on the CPU; on a GPU in bfloat16
 (what the server serves there) and in float32, and the verdict asks whether the server is as close to float32 as
-plain bfloat16 transformers is. Exit status 0 when the check passes, 1 when it does not.
+plain bfloat16 transformers is. A quantized server (--quantized, model.quantization=fp8) is judged on the order of
+the sequences instead: Spearman and the share of pairs ordered alike against float32. Exit status 0 when the check
+passes, 1 when it does not.
 """
 
 import argparse
@@ -26,7 +30,10 @@ GROUP = 8  # sequences per shared prompt in the sample
 MAX_SAMPLE_TOKENS = 1024  # longest sampled sequence (and never past the model's max_position_embeddings)
 FP32_ATOL = 1e-4  # float32 server vs float32 transformers: same arithmetic up to summation order
 BF16_SLACK = 1.25  # bfloat16 server vs float32 may be this much further than plain bfloat16 transformers is
+REQUEST_ROWS = 64  # sequences per request (the server's default batching.max_batch_size)
 PAIRS = 10_000  # pairs of sequences whose order is compared (all pairs when there are fewer)
+QUANTIZED_SPEARMAN = 0.999  # --quantized: served vs float32 rank correlation at least this
+QUANTIZED_PAIRS = 0.995  # --quantized: and at least this share of pairs ordered alike
 
 
 def sample(n: int, vocab: int, max_len: int, seed: int = 0) -> List[np.ndarray]:
@@ -71,14 +78,17 @@ def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], time
     if "step_rewards" in outputs:
         raise SystemExit(f"{url} serves a process reward model ({model_name!r} answers step_rewards); this check "
                          f"compares scalar rewards with a *ForSequenceClassification forward only")
-    data = np.array([[r] for r in rows], dtype=object)
-    tensor = http.InferInput(name, list(data.shape), "BYTES")
-    tensor.set_data_from_numpy(data)
-    result = client.infer(model_name, [tensor])
-    errors = [e for e in result.as_numpy("error").reshape(-1) if e]
-    if errors:
-        raise SystemExit(f"the server failed {len(errors)} of {len(rows)} rows, e.g. {errors[0].decode()}")
-    return result.as_numpy("rewards")
+    out = []
+    for at in range(0, len(rows), REQUEST_ROWS):
+        data = np.array([[r] for r in rows[at:at + REQUEST_ROWS]], dtype=object)
+        tensor = http.InferInput(name, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        result = client.infer(model_name, [tensor])
+        errors = [e for e in result.as_numpy("error").reshape(-1) if e]
+        if errors:
+            raise SystemExit(f"the server failed {len(errors)} of {len(data)} rows, e.g. {errors[0].decode()}")
+        out.append(result.as_numpy("rewards"))
+    return np.concatenate(out)
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -110,7 +120,11 @@ def run(args) -> dict:
     say = (lambda *_: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    if args.texts:
+    if args.inputs:
+        data = json.loads(Path(args.inputs).read_text())["data"][: args.n]
+        seqs = [np.array(d["token_ids"]["content"][0].split(), dtype=np.int64) for d in data]
+        name, rows = "token_ids", [d["token_ids"]["content"][0].encode() for d in data]
+    elif args.texts:
         texts = [t for t in Path(args.texts).read_text().splitlines() if t.strip()][: args.n]
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         seqs = [np.asarray(ids, dtype=np.int64) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
@@ -139,10 +153,16 @@ def run(args) -> dict:
         report["served_vs_float32"] = compare(served, fp32)
         report["bfloat16_vs_float32"] = compare(bf16, fp32)
         report["reward_std"] = float(fp32.std())
-        limit = BF16_SLACK * report["bfloat16_vs_float32"]["mean_abs_diff"]
-        report["pass"] = report["served_vs_float32"]["mean_abs_diff"] <= limit
-        report["rule"] = (f"served vs float32 mean |diff| <= {BF16_SLACK} x plain bfloat16 vs float32 "
-                          f"({limit:.3g})")
+        if args.quantized:
+            r = report["served_vs_float32"]
+            report["pass"] = r["spearman"] >= QUANTIZED_SPEARMAN and r["pair_agreement"] >= QUANTIZED_PAIRS
+            report["rule"] = (f"served vs float32: Spearman >= {QUANTIZED_SPEARMAN} and pairs ordered alike >= "
+                              f"{100 * QUANTIZED_PAIRS:g} %")
+        else:
+            limit = BF16_SLACK * report["bfloat16_vs_float32"]["mean_abs_diff"]
+            report["pass"] = report["served_vs_float32"]["mean_abs_diff"] <= limit
+            report["rule"] = (f"served vs float32 mean |diff| <= {BF16_SLACK} x plain bfloat16 vs float32 "
+                              f"({limit:.3g})")
     return report
 
 
@@ -166,6 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model-name", default="reward", help="the server's native model (server.model_name)")
     p.add_argument("--n", type=int, default=64, help="sequences in the sample")
     p.add_argument("--texts", help="a file of texts, one per line, sent as `text` (tokenization checked too)")
+    p.add_argument("--inputs", help="a perf_analyzer input file of token_ids (benchmarks/workload.py's): its first "
+                   "--n sequences")
+    p.add_argument("--quantized", action="store_true", help="the server is quantized (model.quantization): judge "
+                   f"the order of the rewards (Spearman >= {QUANTIZED_SPEARMAN}, pairs >= {100 * QUANTIZED_PAIRS:g} %%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="where the reference runs (default: cuda if there is one, else cpu)")
     p.add_argument("--atol", type=float, default=FP32_ATOL, help="float32 (CPU) pass limit on max |diff|")

@@ -5,7 +5,8 @@ Every batch crosses in three steps, all ranks in lock-step:
   2. payload (gloo control group, CPU): sequence lengths, then all tokens concatenated. Every rank plans its
      forward's layout from these ids on the CPU (scoring/layout.py), so no rank waits for its GPU to read them.
   3. after the forward, each rank's rewards (zeros where it did not score) are summed onto rank 0 (default
-     group: NCCL on GPU, gloo on CPU).
+     group: NCCL on GPU, gloo on CPU). On the GPU the sum runs on a stream of its own (`result_stream`), so a
+     replica starts its next forward without waiting for the others to finish this one.
 Rank 0 checks every request before step 1, so a malformed request never reaches the subscribers.
 """
 
@@ -200,10 +201,33 @@ def say_goodbye() -> None:
         log.warning("rank 0 is gone; leaving without a goodbye")
 
 
+_result_streams: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def result_stream(device: torch.device):
+    """The CUDA stream on which a forward's rewards are summed onto rank 0 and copied to its host (None off the
+    GPU). Off the compute stream, so that no GPU waits for the other replicas before its next forward: replicas
+    meet only in this sum, on their side streams, while each computes on."""
+    if device.type != "cuda":
+        return None
+    if device not in _result_streams:
+        _result_streams[device] = torch.cuda.Stream(device)
+    return _result_streams[device]
+
+
 def reduce_to_leader(values: torch.Tensor) -> torch.Tensor:
-    """Sum each rank's partial result onto rank 0 (ranks write zeros where they did not score)."""
+    """Sum each rank's partial result onto rank 0 (ranks write zeros where they did not score). On the GPU this
+    runs on `result_stream`, after the forward that wrote `values`; read the sum on that stream."""
+    side = result_stream(values.device)
+    if side is None:
+        if dist.get_world_size() > 1:
+            dist.reduce(values, dst=0)
+        return values
+    side.wait_stream(torch.cuda.current_stream(values.device))
+    values.record_stream(side)  # the compute stream may reuse its memory only once the side stream is done with it
     if dist.get_world_size() > 1:
-        dist.reduce(values, dst=0)
+        with torch.cuda.stream(side):
+            dist.reduce(values, dst=0)
     return values
 
 

@@ -361,9 +361,11 @@ class Leader:
         local = d.broadcast_batch(seqs, len(seqs), n_tokens)
         out = self.engine.forward(local)
         if out.device.type == "cuda":
-            host = out.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
+            with torch.cuda.stream(d.result_stream(out.device)):  # where the rewards were summed (after every
+                # replica's forward), so that this GPU's next forward does not wait for the copy or the other replicas
+                host = out.to("cpu", non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
             return InFlight(picked, n_tokens, computed, host, ready)
         return InFlight(picked, n_tokens, computed, out, None)
 

@@ -1,13 +1,16 @@
-"""Load a Hugging Face reward model (optionally tensor-parallel, optionally compiled) and make its scorer."""
+"""Load a Hugging Face reward model (optionally tensor-parallel, quantized, compiled) and make its scorer."""
 
 import logging
 import time
+from typing import List
+
 import torch
 
 from .checkpoint import check_remote_code, check_score_head, load_tokenizer, model_class_for, resolve_attn
 from .config import BatchingConfig, ModelConfig
 from .default_model import default_model_path
 from . import distributed as d
+from . import quantization
 from .distributed import Topology
 from .scoring.readout import POOLINGS, LastToken
 from .scoring.scorer import build_scorer
@@ -26,8 +29,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_compile(cfg: ModelConfig, topo: Topology) -> bool:
-    """model.compile; auto: on with CUDA and one rank per replica (measured faster there, docs/performance.md)."""
-    return cfg.compile if cfg.compile is not None else (topo.device.type == "cuda" and topo.tp_size == 1)
+    """model.compile; auto: on with CUDA, except for tensor-parallel replicas wrapped for data parallelism (TP x DP,
+    not measured); measured faster with one rank and with TP=2 (docs/performance.md)."""
+    if cfg.compile is not None:
+        return cfg.compile
+    return topo.device.type == "cuda" and (topo.tp_size == 1 or topo.dp_size == 1)
 
 
 def needs_warm_up(cfg: ModelConfig, topo: Topology, attn: str) -> bool:
@@ -71,6 +77,7 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     path = resolve_path(cfg, topo)
     check_remote_code(path, cfg.trust_remote_code)
     dtype = resolve_dtype(cfg.dtype, topo.device)
+    quantization.check(cfg.quantization, topo.device, topo.tp_size, dtype)
     model_type = model_class_for(model_class, path, cfg.trust_remote_code)
     attn = resolve_attn(cfg.attn_implementation, topo.device, model_type)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
@@ -90,22 +97,31 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
 
 
 def maybe_compile(model, cfg: ModelConfig, topo: Topology) -> None:
-    """model.compile (auto: CUDA and one rank per replica). Called once a loader's own checks have run, so that they
-    do not compile graphs the forwards never use."""
+    """model.quantization, then model.compile (auto: resolve_compile). Called once a loader's own checks have run,
+    so that they do not compile graphs the forwards never use."""
+    if cfg.quantization:
+        n = quantization.quantize(decoder_layers(model, f"model.quantization={cfg.quantization}"))
+        if topo.rank == 0:
+            log.info("model.quantization=%s: %d linear layers of the decoder quantized", cfg.quantization, n)
     if resolve_compile(cfg, topo):
         n = compile_layers(model)
         if topo.rank == 0:
             log.info("model.compile: %d decoder layers compiled with torch.compile (on first use: the warm-up)", n)
 
 
-def compile_layers(model) -> int:
-    """torch.compile every decoder layer (the classes transformers names in `_no_split_modules`), with dynamic
-    shapes so that one graph serves every forward length. Returns how many layers; they compile on first use."""
+def decoder_layers(model, setting: str) -> List[torch.nn.Module]:
+    """The decoder layers: modules of the classes transformers names in `_no_split_modules`."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"model.compile: no decoder layers ({sorted(names)}) found in {type(model).__name__}; "
-                         "set model.compile=false")
+        raise ValueError(f"{setting}: no decoder layers ({sorted(names)}) found in {type(model).__name__}")
+    return layers
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer, with dynamic shapes so that one graph serves every forward length.
+    Returns how many layers; they compile on first use."""
+    layers = decoder_layers(model, "model.compile (set model.compile=false)")
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

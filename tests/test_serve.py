@@ -87,15 +87,19 @@ def test_qwen2_checkpoint_by_path_and_the_parity_command(start_server, qwen2_ckp
     check_server(srv.url, qwen2_ckpt, n_seqs=12)
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(TEXTS))
-    for extra in ([], ["--texts", str(texts)]):
+    inputs = tmp_path / "workload.json"  # perf_analyzer's input format (benchmarks/workload.py): more sequences than
+    rng = np.random.default_rng(1)      # one request of the check holds
+    inputs.write_text(json.dumps({"data": [{"token_ids": {"content": [" ".join(map(str, rng.integers(
+        3, 500, rng.integers(4, 80))))], "shape": [1]}} for _ in range(90)]}))
+    lines = len("\n".join(TEXTS).splitlines())  # one text per line
+    for extra, n, kind in (([], 24, "token_ids"), (["--texts", str(texts)], lines, "text"),
+                           (["--inputs", str(inputs), "--n", "80"], 80, "token_ids")):
         run = subprocess.run([sys.executable, "-m", "reward_server.check", "--model", str(qwen2_ckpt), "--url",
                               srv.url, "--n", "24", "--json", *extra], capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout + run.stderr[-3000:]
         report = json.loads(run.stdout)
         assert report["pass"] and report["float32"]["max_abs_diff"] < 1e-4, report
-        lines = len("\n".join(TEXTS).splitlines())  # one text per line
-        assert report["sequences"] == (lines if extra else 24), report
-        assert report["input"] == ("text" if extra else "token_ids"), report
+        assert report["sequences"] == n and report["input"] == kind, report
 
 
 def test_default_model_serves_and_sigterm_exits_cleanly(start_server):
