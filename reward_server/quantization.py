@@ -18,6 +18,10 @@ CHOICES = (None, "fp8")
 # FP8 tensor cores: compute capability 8.9 (Ada) and 9.0 (Hopper) and later
 FP8_MIN_CAPABILITY = (8, 9)
 TORCHAO_HINT = "pip install 'reward-server[fp8]' (torchao)"
+# Floor of a token's largest |activation| when its FP8 scale is computed. A token whose activations are all zero
+# (the pad token of a checkpoint whose pad embedding is zero, which fills packed rows) would get scale 0 and NaN,
+# and attention carries a NaN value to every token of its block (0 x NaN); with the floor it quantizes to zeros.
+ACTIVATION_AMAX_FLOOR = 1e-12
 
 
 def check(quantization: Optional[str], device: torch.device, tp_size: int, dtype: torch.dtype) -> None:
@@ -50,7 +54,8 @@ def quantize(layers: Iterable[torch.nn.Module]) -> int:
     scales. Returns how many were quantized (torchao leaves a layer whose sizes are not multiples of 16 as it is)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(),
+                                                       activation_value_lb=ACTIVATION_AMAX_FLOOR)
     n = 0
     for layer in layers:
         quantize_(layer, config)

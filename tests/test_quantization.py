@@ -73,5 +73,8 @@ def test_fp8_quantizes_the_decoder_linears_only_and_keeps_the_order(tmp_path):
         assert all(quantization.is_fp8(m.weight) for m in linears) == (q == "fp8")
         assert not quantization.is_fp8(scorer.readout.head.weight)  # the head stays in bf16
         rewards[q] = scorer(seqs)[:, 0].float().cpu().numpy()
-    assert np.isfinite(rewards["fp8"]).all() and not np.array_equal(rewards["fp8"], rewards[None])
-    assert np.corrcoef(rewards["fp8"], rewards[None])[0, 1] > 0.95
+    # finite: the pad token's zero embedding fills packed rows, and must not become a NaN scale (ACTIVATION_AMAX_FLOOR)
+    assert np.isfinite(rewards["fp8"]).all(), rewards["fp8"]
+    assert not np.array_equal(rewards["fp8"], rewards[None])
+    correlation = np.corrcoef(rewards["fp8"], rewards[None])[0, 1]
+    assert correlation > 0.95, correlation
