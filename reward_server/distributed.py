@@ -205,11 +205,14 @@ _result_streams: Dict[torch.device, "torch.cuda.Stream"] = {}
 
 
 def result_stream(device: torch.device):
-    """The CUDA stream on which a forward's rewards are summed onto rank 0 and copied to its host (None off the
-    GPU). Off the compute stream, so that no GPU waits for the other replicas before its next forward: replicas
-    meet only in this sum, on their side streams, while each computes on."""
+    """The CUDA stream on which a forward's rewards are summed onto rank 0 and copied to its host: with several
+    ranks a side stream, so that no GPU waits for the other replicas before its next forward (replicas meet only
+    in this sum, on their side streams, while each computes on); with one rank the compute stream (as measured
+    before the side stream). None off the GPU."""
     if device.type != "cuda":
         return None
+    if dist.get_world_size() == 1:
+        return torch.cuda.current_stream(device)
     if device not in _result_streams:
         _result_streams[device] = torch.cuda.Stream(device)
     return _result_streams[device]
@@ -218,16 +221,16 @@ def result_stream(device: torch.device):
 def reduce_to_leader(values: torch.Tensor) -> torch.Tensor:
     """Sum each rank's partial result onto rank 0 (ranks write zeros where they did not score). On the GPU this
     runs on `result_stream`, after the forward that wrote `values`; read the sum on that stream."""
+    if dist.get_world_size() == 1:
+        return values
     side = result_stream(values.device)
     if side is None:
-        if dist.get_world_size() > 1:
-            dist.reduce(values, dst=0)
+        dist.reduce(values, dst=0)
         return values
     side.wait_stream(torch.cuda.current_stream(values.device))
     values.record_stream(side)  # the compute stream may reuse its memory only once the side stream is done with it
-    if dist.get_world_size() > 1:
-        with torch.cuda.stream(side):
-            dist.reduce(values, dst=0)
+    with torch.cuda.stream(side):
+        dist.reduce(values, dst=0)
     return values
 
 
