@@ -34,15 +34,15 @@ def check(quantization: Optional[str], device: torch.device, tp_size: int, dtype
         raise StartupError("model.quantization=fp8 needs a CUDA GPU with FP8 tensor cores (compute capability "
                            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or later: Ada, Hopper); this server "
                            f"runs on the {device.type}")
-    capability = torch.cuda.get_device_capability(device)
-    if capability < FP8_MIN_CAPABILITY:
-        raise StartupError(f"model.quantization=fp8: {torch.cuda.get_device_name(device)} (compute capability "
-                           f"{capability[0]}.{capability[1]}) has no FP8 tensor cores; 8.9 or later is needed")
     if tp_size > 1:
         raise StartupError("model.quantization=fp8 is not supported with tensor parallelism "
                            f"(parallel.tensor_parallel_size={tp_size}); use data parallelism (one GPU per replica)")
     if dtype != torch.bfloat16:
         raise StartupError(f"model.quantization=fp8 quantizes from bfloat16 weights; model.dtype is {dtype}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise StartupError(f"model.quantization=fp8: {torch.cuda.get_device_name(device)} (compute capability "
+                           f"{capability[0]}.{capability[1]}) has no FP8 tensor cores; 8.9 or later is needed")
     try:
         importlib.import_module("torchao.quantization")
     except ImportError as exc:

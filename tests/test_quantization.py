@@ -34,10 +34,15 @@ def test_fp8_on_the_cpu_is_refused_before_the_weights_load(tmp_path):
     assert "\n" not in message
 
 
-def test_unknown_quantization_is_refused():
+def test_unknown_quantization_tensor_parallelism_and_other_dtypes_are_refused():
     with pytest.raises(StartupError, match=r"model.quantization='int3': expected null or fp8"):
         quantization.check("int3", CPU, 1, torch.bfloat16)
     quantization.check(None, CPU, 4, torch.float32)  # off: nothing to check anywhere
+    cuda = torch.device("cuda", 0)  # checked before anything asks the GPU itself
+    with pytest.raises(StartupError, match=r"not supported with tensor parallelism \(parallel.tensor_parallel_size=2"):
+        quantization.check("fp8", cuda, 2, torch.bfloat16)
+    with pytest.raises(StartupError, match="quantizes from bfloat16 weights; model.dtype is torch.float16"):
+        quantization.check("fp8", cuda, 1, torch.float16)
 
 
 def test_compile_auto_is_on_with_cuda_for_one_rank_and_tensor_parallel_replicas():
