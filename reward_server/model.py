@@ -96,7 +96,7 @@ def load_pretrained(model_class, cfg: ModelConfig, topo: Topology, **extra):
     return model, path
 
 
-def maybe_compile(model, cfg: ModelConfig, topo: Topology) -> None:
+def quantize_and_compile(model, cfg: ModelConfig, topo: Topology) -> None:
     """model.quantization, then model.compile (auto: resolve_compile). Called once a loader's own checks have run,
     so that they do not compile graphs the forwards never use."""
     if cfg.quantization:
@@ -168,7 +168,7 @@ def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topolog
     model, path = load_pretrained(AutoModelForSequenceClassification, cfg, topo)
     check_score_head(model)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.chat_template)
-    maybe_compile(model, cfg, topo)
+    quantize_and_compile(model, cfg, topo)
     if cfg.pooling not in POOLINGS:
         raise ValueError(f"model.pooling={cfg.pooling!r}: expected one of {POOLINGS}")
     pad = model.config.pad_token_id if cfg.pooling == "last_non_pad" else None

@@ -19,7 +19,7 @@ from .checkpoint import load_tokenizer, probe_attn
 from .config import BatchingConfig, ModelConfig, RewardConfig
 from .distributed import Topology
 from .inputs import InputError, RequestDecoder
-from .model import head_tensors, load_pretrained, maybe_compile, pad_token_id, plain_head
+from .model import head_tensors, load_pretrained, quantize_and_compile, pad_token_id, plain_head
 from .scoring.readout import StepScores
 from .scoring.scorer import build_scorer
 
@@ -238,7 +238,7 @@ def load_step_scorer(model_cfg: ModelConfig, cfg: RewardConfig, batching: Batchi
         candidates, module = candidate_ids(cfg, tokenizer, vocab_size), model.get_output_embeddings()
     full_head = plain_head(module)
     check_head(model, model.base_model, full_head, tag.ids + candidates + tag.ids, topo.device)
-    maybe_compile(model, model_cfg, topo)  # after the check: its one-off shape compiles nothing
+    quantize_and_compile(model, model_cfg, topo)  # after the check: its one-off shape compiles nothing
     if topo.rank == 0:
         log.info("process reward model: %s, score=%s, candidate token ids %s, aggregate=%s",
                  tag, cfg.score, candidates, cfg.aggregate)

@@ -5,19 +5,16 @@ attention and the reward head stay in the model's dtype. Opt-in: it changes rewa
 (`python -m reward_server.check` measures by how much, and whether the ranking of sequences is kept)."""
 
 import importlib
-import logging
 from typing import Iterable, Optional
 
 import torch
 
 from .checkpoint import StartupError
 
-log = logging.getLogger(__name__)
-
 CHOICES = (None, "fp8")
 # FP8 tensor cores: compute capability 8.9 (Ada) and 9.0 (Hopper) and later
 FP8_MIN_CAPABILITY = (8, 9)
-TORCHAO_HINT = "pip install 'reward-server[fp8]' (torchao)"
+TORCHAO_HINT = "pip install -e '.[fp8]' in the repository, or torchao built for your torch (README, FP8)"
 # Floor of a token's largest |activation| when its FP8 scale is computed. A token whose activations are all zero
 # (the pad token of a checkpoint whose pad embedding is zero, which fills packed rows) would get scale 0 and NaN,
 # and attention carries a NaN value to every token of its block (0 x NaN); with the floor it quantizes to zeros.

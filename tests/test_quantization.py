@@ -14,8 +14,7 @@ from reward_server import quantization
 from reward_server.checkpoint import StartupError
 from reward_server.config import BatchingConfig, ModelConfig
 from reward_server.distributed import Topology
-from reward_server.model import resolve_compile
-from reward_server.model import load_scalar_scorer
+from reward_server.model import load_scalar_scorer, resolve_compile
 
 CPU = torch.device("cpu")
 

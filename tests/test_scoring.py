@@ -299,12 +299,12 @@ def test_compiled_layers_do_not_recompile_after_the_warm_up(llama_ckpt):
 
     from reward_server.config import ModelConfig
     from reward_server.distributed import Topology
-    from reward_server.model import load_pretrained, maybe_compile
+    from reward_server.model import load_pretrained, quantize_and_compile
     from reward_server.scoring.scorer import warm_up
 
     topo = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
     model, _ = load_pretrained(AutoModelForSequenceClassification, ModelConfig(path=llama_ckpt), topo)
-    maybe_compile(model, ModelConfig(compile=True), topo)
+    quantize_and_compile(model, ModelConfig(compile=True), topo)
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in model.base_model.layers)
     scorer = scalar_scorer(model, budget=700)
     torch._dynamo.reset()
