@@ -1,8 +1,9 @@
 # Shell helpers the benchmark scripts source (`. benchmarks/lib.sh`).
 
-wait_ready() {  # host:port seconds: waits for the model `reward` to be ready
+wait_ready() {  # host:port seconds [pid]: waits for the model `reward` to be ready (gives up if pid exits)
   for _ in $(seq "$2"); do
     python3 -c "import urllib.request,sys; urllib.request.urlopen('http://$1/v2/models/reward/ready', timeout=2)" 2>/dev/null && return 0
+    [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null && return 1
     sleep 1
   done
   return 1

@@ -69,7 +69,8 @@ def plain_rewards(model_path: str, seqs: List[np.ndarray], dtype: torch.dtype, d
     return out
 
 
-def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], timeout_s: float) -> np.ndarray:
+def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], timeout_s: float,
+                   request_rows: int = REQUEST_ROWS) -> np.ndarray:
     import tritonclient.http as http
 
     client = http.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout_s,
@@ -79,8 +80,8 @@ def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], time
         raise SystemExit(f"{url} serves a process reward model ({model_name!r} answers step_rewards); this check "
                          f"compares scalar rewards with a *ForSequenceClassification forward only")
     out = []
-    for at in range(0, len(rows), REQUEST_ROWS):
-        data = np.array([[r] for r in rows[at:at + REQUEST_ROWS]], dtype=object)
+    for at in range(0, len(rows), request_rows):
+        data = np.array([[r] for r in rows[at:at + request_rows]], dtype=object)
         tensor = http.InferInput(name, list(data.shape), "BYTES")
         tensor.set_data_from_numpy(data)
         result = client.infer(model_name, [tensor])
@@ -136,7 +137,7 @@ def run(args) -> dict:
     tokens = sum(len(s) for s in seqs)
     say(f"scoring {len(seqs)} sequences ({tokens} tokens, as {name}) through {args.url} ...")
     started = time.monotonic()
-    served = served_rewards(args.url, args.model_name, name, rows, args.timeout_s)
+    served = served_rewards(args.url, args.model_name, name, rows, args.timeout_s, args.request_rows)
     report = {"model": args.model, "url": args.url, "sequences": len(seqs), "tokens": tokens, "input": name,
               "served_s": round(time.monotonic() - started, 2), "labels": int(served.shape[1])}
     say(f"... {report['served_s']} s; plain transformers on {device.type}, one sequence at a time ...")
@@ -191,6 +192,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quantized", action="store_true", help="the server is quantized (model.quantization): judge "
                    f"the order of the rewards (Spearman >= {QUANTIZED_SPEARMAN}, pairs >= {100 * QUANTIZED_PAIRS:g} %%)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--request-rows", type=int, default=REQUEST_ROWS,
+                   help="sequences per request, sent one request after the other (1: a group sharing a prompt reaches "
+                        "the server over several forwards, so the prefix cache serves the later ones)")
     p.add_argument("--device", help="where the reference runs (default: cuda if there is one, else cpu)")
     p.add_argument("--atol", type=float, default=FP32_ATOL, help="float32 (CPU) pass limit on max |diff|")
     p.add_argument("--timeout-s", type=float, default=600.0)

@@ -103,6 +103,11 @@ class BatchingConfig:
     # (the scheduler pulls in the rest of a group when it takes one), one data-parallel replica and one packed row.
     # Shorter common prefixes (a BOS token, a chat header) are still shared when they land together.
     prefix_min_tokens: int = 32
+    # With prefix_sharing: keys and values of the tokens of recent forwards kept on the device (a ring of this many
+    # tokens; KV memory per token: 2 x layers x kv heads x head dim x 2 bytes, 128 KiB for an 8B Llama in bf16) so
+    # that a sequence sharing a prefix with one scored in an earlier forward computes only the rest (a GRPO group
+    # split over forwards, a search's next depth). 0: off. See scoring/prefix_cache.py.
+    prefix_cache_tokens: int = 32768
     # Longest packed row, in tokens; 0 = auto: max_tokens_per_forward with flex_attention (its block mask skips
     # other sequences' blocks), 2048 with a dense mask (sdpa, eager), whose attention work grows with the square
     # of the row length.

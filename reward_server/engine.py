@@ -164,15 +164,20 @@ class EngineStats:
     received and computed (fewer when sequences share prefixes), and the share of the time with a forward in
     flight (launched and its rewards not yet read back)."""
 
-    def __init__(self, interval_s: float, metrics=None, budget: int = 0):
+    def __init__(self, interval_s: float, metrics=None, budget: int = 0, cache=None):
         self.interval_s = interval_s
         self.metrics = metrics  # metrics.Metrics, or None
         self.budget = budget
+        self.cache = cache  # rank 0's scoring.prefix_cache.PrefixCache, or None
         self.busy_since: Optional[float] = None
         self._reset(time.monotonic())
 
+    def _reused(self) -> int:
+        return self.cache.reused_tokens if self.cache is not None else 0
+
     def _reset(self, now: float) -> None:
         self.since, self.forwards, self.seqs, self.tokens, self.computed, self.busy_s = now, 0, 0, 0, 0, 0.0
+        self.reused_before = self._reused()
         if self.busy_since is not None:
             self.busy_since = now
 
@@ -203,6 +208,9 @@ class EngineStats:
                      self.seqs, self.tokens, self.computed, self.computed / self.forwards,
                      self.tokens / max(1, self.computed), wall, self.tokens / wall, self.computed / wall,
                      100 * busy / wall)
+            if self.cache is not None:
+                log.info("prefix cache: %d of those tokens taken from earlier forwards instead of computed (rank 0's "
+                         "replica; %d sequences held)", self._reused() - self.reused_before, len(self.cache))
         self._reset(now)
 
 
@@ -238,7 +246,7 @@ class Leader:
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
         self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
-        self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward)
+        self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, getattr(getattr(engine, "scorer", None), "cache", None))
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: Deque[Work] = deque()
         self._closed = threading.Event()

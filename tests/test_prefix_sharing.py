@@ -6,6 +6,7 @@ over requests), through token ids, text and the NeMo-Aligner contract. The engin
 than received."""
 
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -70,6 +71,7 @@ def served(request, tmp_path_factory, llama_ckpt):
         tok = load_tokenizer(ckpt)
         tag, good, bad = one_id(tok, TAG), one_id(tok, "+"), one_id(tok, "-")
         cases = with_steps(sharing_cases(seed=7, vocab=len(tok)), tag)
+        fresh = with_steps(sharing_cases(seed=21, vocab=len(tok)), tag)
 
         def reference(seqs):
             return ref_lm_softmax(ckpt, seqs, tag, good, bad)
@@ -77,13 +79,15 @@ def served(request, tmp_path_factory, llama_ckpt):
         ckpt = llama_ckpt
         overrides.append(f"model.path={ckpt}")
         cases = sharing_cases(seed=7)
+        fresh = sharing_cases(seed=21)
 
         def reference(seqs):
             return list(reference_rewards(ckpt, seqs))
     srv = Server(2, overrides, log_dir / "server.log")
     try:
         srv.wait_ready()
-        yield dict(srv=srv, kind=spec["kind"], ckpt=ckpt, cases=cases, reference=reference)
+        yield dict(srv=srv, kind=spec["kind"], ckpt=ckpt, cases=cases, reference=reference, tp=spec["tp"],
+                   fresh=fresh)
     finally:
         srv.stop()
 
@@ -166,3 +170,26 @@ def test_log_counts_fewer_tokens_computed_than_received(served):
         m = re.search(r"(\d+) tokens received, (\d+) computed", line)
         received, computed = received + int(m.group(1)), computed + int(m.group(2))
     assert computed < 0.8 * received, (received, computed)
+
+
+def test_requests_extending_earlier_ones_reuse_their_tokens(served):
+    """Requests one after the other, each a forward of its own: a group's later members and a tree's next depth
+    take the prompt / path from the prefix cache, rewards as each scored alone. With one replica (TP=2) rank 0 logs
+    the reuse; with two, a lone request is split over the replicas by size, which need not follow the cache."""
+    srv, kind, cases = served["srv"], served["kind"], served["fresh"]  # sequences no earlier test sent
+    group, tree = cases["grpo group"], cases["tree 3 deep"]
+    requests = [group[:2], group[2:5], group[5:],
+                [s for i, s in enumerate(tree) if i % 7 == 0], [s for i, s in enumerate(tree) if i % 7 in (1, 4)],
+                [s for i, s in enumerate(tree) if i % 7 not in (0, 1, 4)]]
+    before = reused(srv.log())
+    for seqs in requests:
+        check(infer(srv.url, "token_ids", id_rows(seqs)), served["reference"](seqs), kind, "sequential")
+    if served["tp"] == 2:
+        deadline = time.monotonic() + 10  # the engine logs every 0.5 s
+        while reused(srv.log()) - before <= 500 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert reused(srv.log()) - before > 500
+
+
+def reused(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"prefix cache: (\d+) of those tokens", log))

@@ -25,16 +25,22 @@ class Call:
     [R * W] output (`index`)."""
 
     def __init__(self, ids: np.ndarray, positions: np.ndarray, members: np.ndarray, paths: List[np.ndarray],
-                 computed: int, ends: Optional[np.ndarray] = None, pad_mask: Optional[np.ndarray] = None):
+                 computed: int, ends: Optional[np.ndarray] = None, pad_mask: Optional[np.ndarray] = None,
+                 lengths: Optional[np.ndarray] = None):
         self.ids, self.positions, self.ends, self.pad_mask = ids, positions, ends, pad_mask
         self.members = members
         self.computed = computed  # real tokens computed (no padding)
+        self.lengths = lengths  # packed: real tokens of each row (the rest is padding)
         self._paths = np.concatenate(paths)
-        self._starts = np.concatenate([[0], np.cumsum([len(p) for p in paths])[:-1]]).astype(np.int64)
+        self._starts = np.concatenate([[0], np.cumsum([len(p) for p in paths])]).astype(np.int64)
 
     def index(self, member: np.ndarray, depth: np.ndarray) -> np.ndarray:
         """Flat output index of token `depth` of the member-th sequence of this call."""
         return self._paths[self._starts[member] + depth]
+
+    def path(self, member: int) -> np.ndarray:
+        """Flat indices of every token of the member-th sequence, in order."""
+        return self._paths[self._starts[member]:self._starts[member + 1]]
 
 
 def micro_batches(lengths: Sequence[int], budget: int) -> List[List[int]]:
@@ -116,7 +122,8 @@ class Layout:
             ids[r, :n], positions[r, :n], ends[r, :n] = row.ids, row.positions, row.ends
             members.append(row.members)
             paths += [r * width + p for p in row.paths]
-        return Call(ids, positions, np.concatenate(members), paths, sum(len(r) for r in rows), ends=ends)
+        return Call(ids, positions, np.concatenate(members), paths, sum(len(r) for r in rows), ends=ends,
+                    lengths=np.array([len(r) for r in rows], dtype=np.int64))
 
     def _padded_calls(self, seqs: Sequence[np.ndarray]) -> Iterator[Call]:
         for idx in micro_batches([len(s) for s in seqs], self.budget):

@@ -5,6 +5,8 @@ packed-sequence detection and the host sync that comes with it):
   flex_attention  a BlockMask: blocks with nothing to see are skipped, so long rows cost what their trie costs
   sdpa            a dense boolean [R, 1, W, W] mask (memory and work grow with the row length squared)
   eager           the same as an additive float mask
+With cached context (scoring/prefix_cache.py) a call computes only its new tokens and sees the cached ones' keys
+first: the same rule over the tokens' indices in the call's full trie (`with_context`).
 Models with several kinds of attention layer (config.layer_types, e.g. Gemma2's sliding and full layers) get one
 mask per kind, keyed as the model looks them up.
 """
@@ -61,6 +63,39 @@ class TreeMasks:
                 self._dense(ends, positions, window)
         return masks[None] if None in masks else masks
 
+    def with_context(self, query_index, kv_index, kv_ends, query_positions, kv_positions):
+        """A call with cached context: [R, W] new tokens (their indices in the full trie row, their positions)
+        against [R, C + W] keys (context, then the new tokens: indices, subtree ends, positions)."""
+        masks = {}
+        for kind, window in self.windows.items():
+            make = self._flex_context if self.impl == "flex_attention" else self._dense_context
+            masks[kind] = make(query_index, kv_index, kv_ends, query_positions, kv_positions, window)
+        return masks[None] if None in masks else masks
+
+    def _flex_context(self, qi, ki, ke, qp, kp, window):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if window is None:
+            def mask_mod(b, h, q, k):
+                return (ki[b, k] <= qi[b, q]) & (qi[b, q] <= ke[b, k])
+        else:
+            def mask_mod(b, h, q, k):
+                return (ki[b, k] <= qi[b, q]) & (qi[b, q] <= ke[b, k]) & (qp[b, q] - kp[b, k] < window)
+        rows, width = qi.shape
+        return create_block_mask(mask_mod, rows, None, width, ki.shape[1], device=qi.device, _compile=True)
+
+    def _dense_context(self, qi, ki, ke, qp, kp, window) -> torch.Tensor:
+        allowed = (ki[:, None, :] <= qi[:, :, None]) & (qi[:, :, None] <= ke[:, None, :])
+        if window is not None:
+            allowed &= qp[:, :, None] - kp[:, None, :] < window
+        return self._dense_form(allowed[:, None], qi.device)
+
+    def _dense_form(self, allowed: torch.Tensor, device) -> torch.Tensor:
+        if self.impl == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=device).masked_fill_(
+            ~allowed, torch.finfo(self.dtype).min)
+
     def _flex(self, ends: torch.Tensor, positions: torch.Tensor, window: Optional[int]):
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -79,8 +114,4 @@ class TreeMasks:
         allowed = (k <= q) & (q <= ends[:, None, :])
         if window is not None:
             allowed &= positions[:, :, None] - positions[:, None, :] < window
-        allowed = allowed[:, None]
-        if self.impl == "sdpa":
-            return allowed
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=ends.device).masked_fill_(
-            ~allowed, torch.finfo(self.dtype).min)
+        return self._dense_form(allowed[:, None], ends.device)

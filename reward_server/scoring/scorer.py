@@ -2,17 +2,35 @@
 (scoring/readout.py). Sequences come in as CPU tensors of token ids, identical on every rank of a replica; the
 layout is planned on the CPU and copied to the device without waiting for the GPU."""
 
+import inspect
 import logging
-from typing import List
+from typing import List, Optional
 
+import numpy as np
 import torch
 
 from .. import distributed as d
 from ..config import BatchingConfig
 from .layout import Layout
 from .masks import TreeMasks, flex_block_size
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
+
+# Compiled layers (model.compile) hand their layer index, an int attribute, to the prefix cache's KV cache call (a
+# graph break): dynamic there, one graph serves every layer instead of one per layer up to dynamo's recompile limit.
+# Without duck sizing, lengths that happen to be equal (context and new tokens) do not specialize a graph that a
+# later call recompiles. Only around the calls that take the cache: set for every graph, the first broke inductor's
+# lowering of flex_attention (seen on the GPU with the cache off).
+def _cache_call_settings():
+    import contextlib
+
+    from torch.fx.experimental import _config as fx_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True))
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
 
 # Longest packed row with a dense attention mask (sdpa, eager), whose memory and work grow with the row length
 # squared; flex_attention skips masked blocks, so its rows take the whole token budget.
@@ -20,12 +38,15 @@ DENSE_MASK_ROW_TOKENS = 2048
 
 
 class Scorer:
-    def __init__(self, backbone, readout, layout: Layout, masks, device: torch.device):
+    def __init__(self, backbone, readout, layout: Layout, masks, device: torch.device,
+                 cache: Optional[PrefixCache] = None):
         self.backbone = backbone
         self.readout = readout
         self.layout = layout
         self.masks = masks  # TreeMasks for the packed layout, None for padded
         self.device = device
+        self.cache = cache  # PrefixCache (packed layout with prefix sharing), or None
+        self.cache_argument = cache_argument(backbone)
 
     def output_width(self, seqs: List[torch.Tensor]) -> int:
         return self.readout.output_width([s.numpy() for s in seqs])
@@ -35,21 +56,57 @@ class Scorer:
         arrays = [s.numpy() for s in seqs]
         out = torch.zeros(len(seqs), self.readout.output_width(arrays), dtype=torch.float32, device=self.device)
         for call in self.layout.calls(arrays):
-            ids = d.to_device(torch.from_numpy(call.ids), self.device)
-            if call.ends is not None:
-                positions = d.to_device(torch.from_numpy(call.positions), self.device)
-                mask = self.masks(d.to_device(torch.from_numpy(call.ends), self.device), positions)
-            else:  # padded: transformers makes the causal mask and positions from the padding mask
-                positions, mask = None, d.to_device(torch.from_numpy(call.pad_mask), self.device)
-            hidden = self.backbone(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                   use_cache=False).last_hidden_state
-            member, depth, column = self.readout.targets([arrays[m] for m in call.members])
-            picked = hidden.reshape(-1, hidden.shape[-1])[d.to_device(torch.from_numpy(call.index(member, depth)),
-                                                                      self.device)]
+            members = [arrays[m] for m in call.members]
+            hidden, index = self._hidden_states(call, members)
+            member, depth, column = self.readout.targets(members)
+            picked = hidden[d.to_device(torch.from_numpy(index(member, depth)), self.device)]
             rows = d.to_device(torch.from_numpy(call.members[member]), self.device)
             columns = None if column is None else d.to_device(torch.from_numpy(column), self.device)
             self.readout.write(out, rows, columns, picked)
         return out
+
+    def _device(self, array: np.ndarray) -> torch.Tensor:
+        return d.to_device(torch.from_numpy(array), self.device)
+
+    def _hidden_states(self, call, members):
+        """The call's final hidden states [tokens, hidden size], and (member, depth) -> the row of a token."""
+        if call.ends is None:  # padded: transformers makes the causal mask and positions from the padding mask
+            hidden = self.backbone(input_ids=self._device(call.ids), attention_mask=self._device(call.pad_mask),
+                                   use_cache=False).last_hidden_state
+            return hidden.reshape(-1, hidden.shape[-1]), call.index
+        reuse = self.cache.plan(call, members) if self.cache is not None else None
+        if reuse is None:
+            positions = self._device(call.positions)
+            hidden = self.backbone(input_ids=self._device(call.ids), position_ids=positions,
+                                   attention_mask=self.masks(self._device(call.ends), positions),
+                                   use_cache=False).last_hidden_state
+            return hidden.reshape(-1, hidden.shape[-1]), call.index
+        try:
+            hidden = None
+            if reuse.computed:  # else every token of the call is cached
+                positions = self._device(reuse.positions)
+                if reuse.context:
+                    mask = self.masks.with_context(self._device(reuse.query_index), self._device(reuse.kv_index),
+                                                   self._device(reuse.kv_ends), positions,
+                                                   self._device(reuse.kv_positions))
+                else:  # nothing cached: the call as it is
+                    mask = self.masks(self._device(reuse.kv_ends), positions)
+                kv = self.cache.kv(reuse)
+                with _cache_call_settings():
+                    hidden = self.backbone(input_ids=self._device(reuse.ids), position_ids=positions,
+                                           attention_mask=mask, use_cache=True,
+                                           **{self.cache_argument: kv}).last_hidden_state
+                self.cache.store(reuse, kv, hidden)
+            states = self.cache.hidden_states(reuse, hidden)
+        except BaseException:
+            self.cache.clear()  # its entries for this call name slots that were not written
+            raise
+        return states, lambda member, depth: reuse.remap[call.index(member, depth)]
+
+
+def cache_argument(backbone) -> str:
+    """The backbone's name for its KV cache argument: `cache` (transformers >= 5.2x) or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def build_scorer(model, readout, batching: BatchingConfig, pad_token_id: int, device: torch.device) -> Scorer:
@@ -63,8 +120,13 @@ def build_scorer(model, readout, batching: BatchingConfig, pad_token_id: int, de
     layout = Layout(batching.layout, batching.max_tokens_per_forward, pad_token_id, row_tokens=row_tokens,
                     sharing=batching.prefix_sharing, min_shared=batching.prefix_min_tokens,
                     pad_multiple=flex_block_size() if flex else 1)
-    log.debug("layout %s, sharing %s, rows of %d tokens", layout.kind, layout.sharing, layout.row_tokens)
-    return Scorer(model.base_model, readout, layout, masks, device)
+    cache = None
+    if layout.sharing and batching.prefix_cache_tokens:
+        cache = PrefixCache(batching.prefix_cache_tokens, batching.prefix_min_tokens, layout.pad_multiple,
+                            pad_token_id, device)
+    log.debug("layout %s, sharing %s, rows of %d tokens, prefix cache %d tokens", layout.kind, layout.sharing,
+              layout.row_tokens, cache.capacity if cache else 0)
+    return Scorer(model.base_model, readout, layout, masks, device, cache)
 
 
 def warm_up(scorer: Scorer, vocab_size: int, budget: int) -> None:
@@ -80,3 +142,12 @@ def warm_up(scorer: Scorer, vocab_size: int, budget: int) -> None:
         scorer([seq(n) for n in lengths])
     prefix = seq(budget // 4)
     scorer([torch.cat([prefix, seq(n)]) for n in (budget // 16, budget // 8, 1, budget // 16)] + [prefix])
+    if scorer.cache is not None:  # later forwards extending cached prefixes (two shapes: the second compiles the
+        # dynamic-shape graphs), then forget the synthetic entries
+        scorer([torch.cat([prefix, seq(n)]) for n in (budget // 16, 3)] + [prefix])
+        scorer([torch.cat([prefix[:budget // 8], seq(n)]) for n in (budget // 4, budget // 8)])
+        # new tokens within one attention block (a search's next step): flex_attention's masks and the layers
+        # specialize on a single query block (seen as recompiles while serving a tree search on the GPU)
+        scorer([torch.cat([prefix, seq(3)])])
+        scorer([torch.cat([prefix[:budget // 8], seq(n)]) for n in (5, 9)])
+        scorer.cache.clear()

@@ -1,0 +1,165 @@
+"""Prefix reuse across forwards (scoring/prefix_cache.py), in one process, fp32 on the CPU: sequences that share a
+prefix with ones scored in earlier forwards (a GRPO group split over forwards, a search tree scored depth by depth,
+a prefix of an earlier sequence, a duplicate) get the rewards and step scores of each sequence scored alone by
+plain transformers (1e-5), for every model family the server supports; the ring evicts and stays exact; traffic that
+shares nothing never takes the cache's path; a failed call forgets what it planned; compiled layers with
+flex_attention compile nothing after the warm-up."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILIES, reference_rewards
+from reward_server.config import BatchingConfig
+from reward_server.scoring.readout import StepScores
+from reward_server.scoring.scorer import build_scorer, warm_up
+from test_fidelity import checkpoints, load_model  # noqa: F401 (fixture)
+from test_scoring import scalar_scorer, sharing_cases
+
+ATOL = 1e-5
+
+
+def forwards_of(cases):
+    """The cases as a sequence of forwards in which later ones extend what earlier ones scored."""
+    grpo, tree, prefix, dup = (cases[k] for k in ("grpo group", "tree 3 deep", "prefix of another", "duplicates"))
+    level1 = [s for i, s in enumerate(tree) if i % 7 == 0]
+    level2 = [s for i, s in enumerate(tree) if i % 7 in (1, 4)]
+    level3 = [s for i, s in enumerate(tree) if i % 7 not in (0, 1, 4)]
+    return [grpo[:2], grpo[2:5], grpo[5:],  # a group over three forwards, the last one alone
+            level1, level2, level3,  # a tree depth by depth
+            [prefix[0], prefix[2]], [prefix[1]],  # a longer sequence after its prefix
+            dup[:2], dup[2:],  # a duplicate of a cached sequence beside an unrelated one
+            cases["nothing shared"]]
+
+
+def score_in_forwards(scorer, forwards):
+    return np.concatenate([scorer([torch.from_numpy(s) for s in f]).numpy() for f in forwards])
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_sequences_extending_earlier_forwards_match_each_scored_alone(checkpoints, arch):  # noqa: F811
+    model = load_model(checkpoints[arch])
+    forwards = forwards_of(sharing_cases(seed=11))
+    scorer = scalar_scorer(model, budget=512)
+    got = score_in_forwards(scorer, forwards)
+    expected = reference_rewards(checkpoints[arch], [s for f in forwards for s in f])
+    np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
+    assert scorer.cache.reused_tokens > 1000, scorer.cache.reused_tokens
+
+
+def test_step_scores_at_tags_inside_cached_prefixes(tmp_path):
+    """A PRM: the tags of a solution scored in one forward are read from the cache in the next, for the candidates
+    that extend it and for the solution itself sent again."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reward_server.prm import StepTag
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                 initializer_range=0.2, pad_token_id=0)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tag, good, bad = 7, 11, 12
+    rng = np.random.default_rng(5)
+
+    def steps(n):
+        return np.concatenate([np.append(rng.integers(20, 500, rng.integers(5, 30)), tag) for _ in range(n)])
+
+    solution = steps(4)
+    forwards = [[np.concatenate([solution, steps(1)]), np.concatenate([solution, steps(2)])],
+                [np.concatenate([solution, steps(k)]) for k in (1, 3)] + [solution.copy()]]
+    weight = model.lm_head.weight[[good, bad]]
+    readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([tag]))
+    scorer = build_scorer(model, readout, BatchingConfig(max_tokens_per_forward=256), 0, torch.device("cpu"))
+    for seqs in forwards:
+        got = scorer([torch.from_numpy(s) for s in seqs]).numpy()
+        with torch.no_grad():
+            for row, s in zip(got, seqs):
+                logits = model(input_ids=torch.as_tensor(s)[None]).logits[0]
+                expected = logits[torch.as_tensor(s) == tag][:, [good, bad]].softmax(-1)[:, 0].numpy()
+                np.testing.assert_allclose(row[:len(expected)], expected, atol=ATOL, rtol=0)
+    assert scorer.cache.reused_tokens >= len(solution)  # trie nodes: the solution once, shared by the three
+
+
+def test_a_small_ring_evicts_old_tokens_and_stays_exact(llama_ckpt):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    scorer = build_scorer_with_capacity(model, capacity=300)
+    forwards = forwards_of(sharing_cases(seed=12)) * 2
+    got = score_in_forwards(scorer, forwards)
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
+    cache = scorer.cache
+    assert cache.reused_tokens > 0 and cache.written > 3 * cache.capacity
+    assert all(e.oldest >= cache.written - cache.capacity for e in cache.entries.values())
+
+
+def build_scorer_with_capacity(model, capacity, budget=512):
+    from reward_server.scoring.readout import LastToken
+
+    batching = BatchingConfig(max_tokens_per_forward=budget, prefix_cache_tokens=capacity)
+    return build_scorer(model, LastToken(model.score, model.config.num_labels, model.config.pad_token_id), batching,
+                        model.config.pad_token_id, torch.device("cpu"))
+
+
+def test_traffic_that_shares_nothing_does_not_take_the_cache_path(llama_ckpt):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    scorer = scalar_scorer(model, budget=512)
+    seqs = sharing_cases(seed=13)["nothing shared"]
+    for _ in range(2):  # a single sequence, or several sharing nothing: run as without the cache, not stored
+        got = np.concatenate([scorer([torch.from_numpy(seqs[0])]).numpy(),
+                              scorer([torch.from_numpy(s) for s in seqs[1:]]).numpy()])
+        np.testing.assert_allclose(got, reference_rewards(llama_ckpt, seqs), atol=ATOL, rtol=0)
+    assert len(scorer.cache) == 0 and scorer.cache.written == 0 and scorer.cache.reused_tokens == 0
+
+
+def test_a_failed_call_forgets_its_entries(llama_ckpt):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    scorer = scalar_scorer(model, budget=512)
+    group = sharing_cases(seed=14)["grpo group"]
+    scorer([torch.from_numpy(s) for s in group[:2]])
+    assert len(scorer.cache) == 2
+    backbone = scorer.backbone
+
+    def broken(**kwargs):
+        raise RuntimeError("injected")
+
+    scorer.backbone = broken
+    with pytest.raises(RuntimeError, match="injected"):
+        scorer([torch.from_numpy(s) for s in group[2:4]])
+    assert len(scorer.cache) == 0  # its slots were never written: nothing may point at them
+    scorer.backbone = backbone
+    got = scorer([torch.from_numpy(s) for s in group]).numpy()
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, group), atol=ATOL, rtol=0)
+
+
+def test_flex_attention_masks_compile_nothing_after_the_warm_up(llama_ckpt):
+    """flex_attention (the GPU's attention) on the CPU: the warm-up covers the block-mask shapes a search tree and
+    split groups bring (context of several blocks, new tokens within one block or several); serving them then
+    compiles no graph. On the GPU a call whose new tokens fit one block recompiled the mask and the layers while
+    serving (a stall of seconds). The layers are not compiled here: inductor's CPU code for flex_attention with
+    these masks does not build (torch 2.13), and the GPU's Triton code does."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32,
+                                                               attn_implementation="flex_attention").eval()
+    budget = 1024
+    scorer = scalar_scorer(model, budget=budget)
+    torch._dynamo.reset()
+    counters.clear()
+    warm_up(scorer, model.config.vocab_size, budget)
+    assert len(scorer.cache) == 0  # the warm-up's synthetic entries are forgotten
+    graphs = counters["stats"]["unique_graphs"]
+    cases = sharing_cases(seed=15)
+    forwards = forwards_of(cases) + [[s] for s in cases["grpo group"]]
+    got = score_in_forwards(scorer, forwards)
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
+    assert scorer.cache.reused_tokens > 1000
+    assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
+    assert not counters.get("recompile_limit"), dict(counters)
