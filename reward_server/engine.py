@@ -169,6 +169,7 @@ class EngineStats:
         self.metrics = metrics  # metrics.Metrics, or None
         self.budget = budget
         self.cache = cache  # rank 0's scoring.prefix_cache.PrefixCache, or None
+        self.reused_counted = self._reused()  # by the metrics
         self.busy_since: Optional[float] = None
         self._reset(time.monotonic())
 
@@ -186,6 +187,9 @@ class EngineStats:
             self.busy_since = time.monotonic()
 
     def finished(self, n_seqs: int, n_tokens: int, n_computed: int, idle_after: bool) -> None:
+        if self.metrics is not None and self.cache is not None:
+            self.metrics.reused.inc(self._reused() - self.reused_counted)
+            self.reused_counted = self._reused()
         self.forwards += 1
         self.seqs += n_seqs
         self.tokens += n_tokens

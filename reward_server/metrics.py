@@ -3,7 +3,7 @@
 prometheus-client serves the port; Triton's metrics (request counts and queue times per model, ...) move to
 server.triton_metrics_port on the loopback, and each scrape of ours includes them (TritonMetrics), so one port has
 both. Ours: queue depth (Triton batches, tokens) at rank 0, forwards and how full they were, tokens received and
-computed (fewer with prefix sharing), errors by kind; tokens/s is rate(reward_server_tokens_received_total[1m]).
+computed (fewer with prefix sharing), tokens reused from the prefix cache, errors by kind; tokens/s is rate(reward_server_tokens_received_total[1m]).
 """
 
 import logging
@@ -59,6 +59,8 @@ class Metrics:
         self.received = Counter("reward_server_tokens_received", "Tokens of the scored sequences", registry=r)
         self.computed = Counter("reward_server_tokens_computed",
                                 "Tokens computed (received minus those of shared prefixes computed once)", registry=r)
+        self.reused = Counter("reward_server_tokens_reused", "Tokens taken from the prefix cache (computed by earlier "
+                              "forwards) instead of computed; rank 0's data-parallel replica", registry=r)
         self.fill = Histogram("reward_server_forward_fill", "Tokens computed per forward / the forward's token budget",
                               buckets=FILL_BUCKETS, registry=r)
         self.errors = Counter("reward_server_errors", "Failed requests and rows, by kind: input (HTTP 400 or a row's "

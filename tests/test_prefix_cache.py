@@ -8,14 +8,11 @@ flex_attention compile nothing after the warm-up."""
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import FAMILIES, reference_rewards
 from reward_server.config import BatchingConfig
-from reward_server.scoring.readout import StepScores
 from reward_server.scoring.scorer import build_scorer, warm_up
 from test_fidelity import checkpoints, load_model  # noqa: F401 (fixture)
-from test_scoring import scalar_scorer, sharing_cases
+from test_scoring import TinyPRM, scalar_scorer, sharing_cases
 
 ATOL = 1e-5
 
@@ -51,34 +48,13 @@ def test_sequences_extending_earlier_forwards_match_each_scored_alone(checkpoint
 def test_step_scores_at_tags_inside_cached_prefixes(tmp_path):
     """A PRM: the tags of a solution scored in one forward are read from the cache in the next, for the candidates
     that extend it and for the solution itself sent again."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from reward_server.prm import StepTag
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                 initializer_range=0.2, pad_token_id=0)).save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    tag, good, bad = 7, 11, 12
-    rng = np.random.default_rng(5)
-
-    def steps(n):
-        return np.concatenate([np.append(rng.integers(20, 500, rng.integers(5, 30)), tag) for _ in range(n)])
-
-    solution = steps(4)
-    forwards = [[np.concatenate([solution, steps(1)]), np.concatenate([solution, steps(2)])],
-                [np.concatenate([solution, steps(k)]) for k in (1, 3)] + [solution.copy()]]
-    weight = model.lm_head.weight[[good, bad]]
-    readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([tag]))
-    scorer = build_scorer(model, readout, BatchingConfig(max_tokens_per_forward=256), 0, torch.device("cpu"))
+    prm = TinyPRM(tmp_path)
+    solution = prm.steps(4)
+    forwards = [[np.concatenate([solution, prm.steps(1)]), np.concatenate([solution, prm.steps(2)])],
+                [np.concatenate([solution, prm.steps(k)]) for k in (1, 3)] + [solution.copy()]]
+    scorer = prm.scorer(BatchingConfig(max_tokens_per_forward=256))
     for seqs in forwards:
-        got = scorer([torch.from_numpy(s) for s in seqs]).numpy()
-        with torch.no_grad():
-            for row, s in zip(got, seqs):
-                logits = model(input_ids=torch.as_tensor(s)[None]).logits[0]
-                expected = logits[torch.as_tensor(s) == tag][:, [good, bad]].softmax(-1)[:, 0].numpy()
-                np.testing.assert_allclose(row[:len(expected)], expected, atol=ATOL, rtol=0)
+        prm.check(scorer([torch.from_numpy(s) for s in seqs]).numpy(), seqs, ATOL)
     assert scorer.cache.reused_tokens >= len(solution)  # trie nodes: the solution once, shared by the three
 
 

@@ -14,6 +14,7 @@ import pytest
 from pytriton.client import ModelClient
 
 from conftest import Server, reference_rewards
+from test_overload_metrics import metrics, value
 from test_prm import TAG, load_tokenizer, one_id, ref_lm_softmax, save_checkpoint
 from test_prm import infer as prm_infer
 from test_scoring import sharing_cases
@@ -189,6 +190,7 @@ def test_requests_extending_earlier_ones_reuse_their_tokens(served):
         while reused(srv.log()) - before <= 500 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert reused(srv.log()) - before > 500
+        assert value(metrics(srv), "reward_server_tokens_reused_total") > 500
 
 
 def reused(log: str) -> int:

@@ -246,36 +246,47 @@ def reference_rewards_without_window(path, seqs, **config):
 def test_step_scores_for_every_layout_with_tags_in_shared_prefixes(tmp_path_factory, layout, sharing):
     """A PRM's step scores (softmax over two candidate tokens at every step tag) equal a plain causal-LM forward
     in every layout; a tag inside a shared prefix is read for every sequence that contains it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    prm = TinyPRM(tmp_path_factory.mktemp("prm"))
+    solution = prm.steps(3)
+    seqs = [np.concatenate([solution, prm.steps(k)]) for k in (1, 2, 1)] + [solution.copy(), solution[:20].copy()]
+    seqs = [s for s in seqs if (s == prm.tag).any()]
+    scorer = prm.scorer(BatchingConfig(layout=layout, prefix_sharing=sharing, max_tokens_per_forward=256))
+    prm.check(scorer([torch.from_numpy(s) for s in seqs]).numpy(), seqs)
 
-    from reward_server.prm import StepTag
 
-    path = tmp_path_factory.mktemp("prm")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                 initializer_range=0.2, pad_token_id=0)).save_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tag, good, bad = 7, 11, 12
-    rng = np.random.default_rng(5)
+class TinyPRM:
+    """A tiny random causal LM read as a math-shepherd-style PRM (softmax over two candidate tokens at each tag),
+    its steps, and the plain forward's step scores to compare with."""
 
-    def steps(n):
-        return np.concatenate([np.append(rng.integers(20, 500, rng.integers(5, 30)), tag) for _ in range(n)])
+    def __init__(self, path, tag=7, good=11, bad=12, seed=5):
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    solution = steps(3)
-    seqs = [np.concatenate([solution, steps(k)]) for k in (1, 2, 1)] + [solution.copy(), solution[:20].copy()]
-    seqs = [s for s in seqs if (s == tag).any()]
-    weight = model.lm_head.weight[[good, bad]]
-    readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([tag]))
-    batching = BatchingConfig(layout=layout, prefix_sharing=sharing, max_tokens_per_forward=256)
-    scorer = build_scorer(model, readout, batching, 0, torch.device("cpu"))
-    got = scorer([torch.from_numpy(s) for s in seqs]).numpy()
-    with torch.no_grad():
-        for row, s in zip(got, seqs):
-            logits = model(input_ids=torch.as_tensor(s)[None]).logits[0]
-            expected = logits[torch.as_tensor(s) == tag][:, [good, bad]].softmax(-1)[:, 0].numpy()
-            np.testing.assert_allclose(row[:len(expected)], expected, atol=1e-5, rtol=0)
-            assert (row[len(expected):] == 0).all()
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                     initializer_range=0.2, pad_token_id=0)).save_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tag, self.good, self.bad = tag, good, bad
+        self.rng = np.random.default_rng(seed)
+
+    def steps(self, n):
+        return np.concatenate([np.append(self.rng.integers(20, 500, self.rng.integers(5, 30)), self.tag)
+                               for _ in range(n)])
+
+    def scorer(self, batching):
+        from reward_server.prm import StepTag
+
+        weight = self.model.lm_head.weight[[self.good, self.bad]]
+        readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([self.tag]))
+        return build_scorer(self.model, readout, batching, 0, torch.device("cpu"))
+
+    def check(self, got, seqs, atol=1e-5):
+        with torch.no_grad():
+            for row, s in zip(got, seqs):
+                logits = self.model(input_ids=torch.as_tensor(s)[None]).logits[0]
+                expected = logits[torch.as_tensor(s) == self.tag][:, [self.good, self.bad]].softmax(-1)[:, 0].numpy()
+                np.testing.assert_allclose(row[:len(expected)], expected, atol=atol, rtol=0)
+                assert (row[len(expected):] == 0).all()
 
 
 def test_all_ones_mask_on_packed_rows_would_leak(llama, llama_ckpt):

@@ -24,14 +24,11 @@ import numpy as np
 import torch
 
 from .. import distributed as d
+from .layout import _round_up
 from .trie import common_prefix, trie_order
 
 # Index of a context slot that holds nothing (padding): larger than any query's index, so nothing sees it.
 NOTHING = np.iinfo(np.int64).max // 2
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class Entry:
