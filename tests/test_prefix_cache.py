@@ -139,3 +139,14 @@ def test_flex_attention_masks_compile_nothing_after_the_warm_up(llama_ckpt):
     assert scorer.cache.reused_tokens > 1000
     assert counters["stats"]["unique_graphs"] == graphs, dict(counters["stats"])
     assert not counters.get("recompile_limit"), dict(counters)
+
+
+def test_a_negative_capacity_is_refused_in_one_line(llama_ckpt):
+    from transformers import AutoModelForSequenceClassification
+
+    from reward_server.checkpoint import StartupError
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    with pytest.raises(StartupError, match=r"batching.prefix_cache_tokens=-1: expected a number of tokens"):
+        build_scorer_with_capacity(model, capacity=-1)
+    assert build_scorer_with_capacity(model, capacity=0).cache is None

@@ -13,7 +13,9 @@ Storage: a ring of `capacity` token slots per layer (keys, values) plus one for 
 computed token gets the next virtual slot v (physical slot v % capacity) and lives until `capacity` newer tokens
 were written; an entry (a sequence scored, with the slot of each of its tokens) lives while its oldest token does.
 Every rank of a replica sees the same calls and so takes the same decisions: no rank ever asks another what it
-holds. Calls without a trie (padded layout) do not use it, nor calls that share nothing, within themselves or with
+holds. A call that fails clears the cache (its entries name slots that were not written); failures are alike on the
+ranks of a replica (a bad input), and if one ever were not, the ranks' calls would stop matching and the watchdog
+would restart the group. Calls without a trie (padded layout) do not use it, nor calls that share nothing, within themselves or with
 the cache: those run exactly as without it.
 """
 
@@ -208,8 +210,8 @@ class PrefixCache:
         reuse.store_rows, reuse.store_cols, reuse.store_slots = rr[keep], cols[keep], virtual[keep] % self.capacity
         flat = slot.reshape(-1)
         for j, seq in enumerate(seqs):
-            if len(seq) >= self.min_shared:
-                self._add(Entry(seq, flat[call.path(j)]))
+            if len(seq) >= self.min_shared:  # a copy: the caller's array may be a view of a buffer it reuses
+                self._add(Entry(seq.copy(), flat[call.path(j)]))
         self._evict(horizon)
 
     def _add(self, entry: Entry) -> None:

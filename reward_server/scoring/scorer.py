@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import distributed as d
+from ..checkpoint import StartupError
 from ..config import BatchingConfig
 from .layout import Layout
 from .masks import TreeMasks, flex_block_size
@@ -120,6 +121,9 @@ def build_scorer(model, readout, batching: BatchingConfig, pad_token_id: int, de
     layout = Layout(batching.layout, batching.max_tokens_per_forward, pad_token_id, row_tokens=row_tokens,
                     sharing=batching.prefix_sharing, min_shared=batching.prefix_min_tokens,
                     pad_multiple=flex_block_size() if flex else 1)
+    if batching.prefix_cache_tokens < 0:
+        raise StartupError(f"batching.prefix_cache_tokens={batching.prefix_cache_tokens}: expected a number of tokens "
+                           "(0: no prefix cache)")
     cache = None
     if layout.sharing and batching.prefix_cache_tokens:
         cache = PrefixCache(batching.prefix_cache_tokens, batching.prefix_min_tokens, layout.pad_multiple,
