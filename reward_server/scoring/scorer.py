@@ -2,12 +2,14 @@
 (scoring/readout.py). Sequences come in as CPU tensors of token ids, identical on every rank of a replica; the
 layout is planned on the CPU and copied to the device without waiting for the GPU."""
 
+import contextlib
 import inspect
 import logging
 from typing import List, Optional
 
 import numpy as np
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from .. import distributed as d
 from ..checkpoint import StartupError
@@ -23,15 +25,12 @@ log = logging.getLogger(__name__)
 # Without duck sizing, lengths that happen to be equal (context and new tokens) do not specialize a graph that a
 # later call recompiles. Only around the calls that take the cache: set for every graph, the first broke inductor's
 # lowering of flex_attention (seen on the GPU with the cache off).
-def _cache_call_settings():
-    import contextlib
-
-    from torch.fx.experimental import _config as fx_config
-
+def _cache_call_settings() -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True))
     stack.enter_context(fx_config.patch(use_duck_shape=False))
     return stack
+
 
 # Longest packed row with a dense attention mask (sdpa, eager), whose memory and work grow with the row length
 # squared; flex_attention skips masked blocks, so its rows take the whole token budget.
