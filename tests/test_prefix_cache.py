@@ -133,7 +133,8 @@ def test_flex_attention_masks_compile_nothing_after_the_warm_up(llama_ckpt):
     assert len(scorer.cache) == 0  # the warm-up's synthetic entries are forgotten
     graphs = counters["stats"]["unique_graphs"]
     cases = sharing_cases(seed=15)
-    forwards = forwards_of(cases) + [[s] for s in cases["grpo group"]]
+    short = np.random.default_rng(16).integers(4, 512, 40)  # a call within one block, sharing only within itself
+    forwards = forwards_of(cases) + [[s] for s in cases["grpo group"]] + [[np.append(short, [5, 6]), np.append(short, 7)]]
     got = score_in_forwards(scorer, forwards)
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
     assert scorer.cache.reused_tokens > 1000

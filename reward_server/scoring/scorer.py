@@ -153,4 +153,6 @@ def warm_up(scorer: Scorer, vocab_size: int, budget: int) -> None:
         # specialize on a single query block (seen as recompiles while serving a tree search on the GPU)
         scorer([torch.cat([prefix, seq(3)])])
         scorer([torch.cat([prefix[:budget // 8], seq(n)]) for n in (5, 9)])
+        short = seq(scorer.cache.min_shared)  # and a call within one block that shares nothing cached, stored
+        scorer([torch.cat([short, seq(n)]) for n in (3, 5)])
         scorer.cache.clear()
