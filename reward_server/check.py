@@ -12,11 +12,19 @@ server's default); with --inputs, the token ids of a perf_analyzer input file (b
 The reference runs each sequence alone, unpadded, in float32 on the CPU; on a GPU in bfloat16
 (what the server serves there) and in float32, and the verdict asks whether the server is as close to float32 as
 plain bfloat16 transformers is. A quantized server (--quantized, model.quantization=fp8) is judged on the order of
-the sequences instead: Spearman and the share of pairs ordered alike against float32. Exit status 0 when the check
-passes, 1 when it does not.
+the sequences instead: Spearman and the share of pairs ordered alike against float32 (--label: on which label of
+a multi-label head). Exit status 0 when the check passes, 1 when it does not.
+
+The references of a large sample take minutes on a GPU (1,000 sequences of 8B in float32: about 3); --references
+FILE keeps them (computed and saved when FILE is missing, loaded when it holds the same sequences), and
+--references-only computes them without a server, e.g. while the server starts:
+
+    python -m reward_server.check --model M --inputs rlhf.json --n 1000 --references refs.npz --references-only &
+    python -m reward_server.check --model M --inputs rlhf.json --n 1000 --references refs.npz --quantized
 """
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -69,6 +77,38 @@ def plain_rewards(model_path: str, seqs: List[np.ndarray], dtype: torch.dtype, d
     return out
 
 
+def fingerprint(seqs: List[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for seq in seqs:
+        digest.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()
+
+
+def references(args, seqs: List[np.ndarray], device: torch.device, say) -> dict:
+    """Plain transformers' rewards, one sequence at a time: float32 (CPU) or bfloat16 and float32 (GPU); from
+    --references when it holds these sequences of this model, else computed (and saved there)."""
+    dtypes = {"float32": torch.float32} if device.type == "cpu" else {"bfloat16": torch.bfloat16,
+                                                                      "float32": torch.float32}
+    key = f"{Path(args.model).resolve()}|{device.type}|{fingerprint(seqs)}"
+    path = Path(args.references) if args.references else None
+    if path is not None and path.exists():
+        saved = np.load(path)
+        if str(saved["key"]) == key and all(name in saved for name in dtypes):
+            say(f"references from {path}")
+            return {name: saved[name] for name in dtypes}
+        say(f"{path} holds references of other sequences or another model: computing them again")
+    out = {}
+    for name, dtype in dtypes.items():
+        started = time.monotonic()
+        out[name] = plain_rewards(args.model, seqs, dtype, device, args.trust_remote_code)
+        say(f"plain transformers, {name} on {device.type}: {time.monotonic() - started:.0f} s")
+    if path is not None:
+        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+            np.savez(f, key=np.array(key), **out)
+        say(f"references saved to {path}")
+    return out
+
+
 def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], timeout_s: float,
                    request_rows: int = REQUEST_ROWS) -> np.ndarray:
     import tritonclient.http as http
@@ -98,11 +138,11 @@ def ranks(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def compare(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+def compare(a: np.ndarray, b: np.ndarray, label: int = 0, seed: int = 0) -> dict:
     """Distance, and whether the order of the sequences is kept (what RL uses): Spearman's rank correlation and
-    the share of pairs ordered alike (every pair, or PAIRS random ones), on the first label."""
+    the share of pairs ordered alike (every pair, or PAIRS random ones), on one label; the distance over all labels."""
     d = np.abs(a - b)
-    x, y = a[:, 0].astype(np.float64), b[:, 0].astype(np.float64)
+    x, y = a[:, label].astype(np.float64), b[:, label].astype(np.float64)
     n = len(x)
     if n * (n - 1) // 2 <= PAIRS:
         i, j = np.triu_indices(n, 1)
@@ -118,7 +158,9 @@ def compare(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
 def run(args) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
-    say = (lambda *_: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    def say(message: str) -> None:  # progress, on stderr (--json prints the report on stdout)
+        print(message, file=sys.stderr, flush=True)
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if args.inputs:
@@ -135,25 +177,32 @@ def run(args) -> dict:
         seqs = sample(args.n, config.vocab_size, max_len, args.seed)
         name, rows = "token_ids", [" ".join(map(str, s.tolist())).encode() for s in seqs]
     tokens = sum(len(s) for s in seqs)
+    if args.references_only:
+        references(args, seqs, device, say)
+        return {"model": args.model, "sequences": len(seqs), "tokens": tokens, "references": args.references,
+                "pass": True, "rule": "references only"}
+    labels = config.num_labels
+    if not 0 <= args.label < labels:
+        raise SystemExit(f"--label {args.label}: {args.model} has {labels} label(s)")
     say(f"scoring {len(seqs)} sequences ({tokens} tokens, as {name}) through {args.url} ...")
     started = time.monotonic()
     served = served_rewards(args.url, args.model_name, name, rows, args.timeout_s, args.request_rows)
     report = {"model": args.model, "url": args.url, "sequences": len(seqs), "tokens": tokens, "input": name,
-              "served_s": round(time.monotonic() - started, 2), "labels": int(served.shape[1])}
+              "served_s": round(time.monotonic() - started, 2), "labels": int(served.shape[1]), "label": args.label}
     say(f"... {report['served_s']} s; plain transformers on {device.type}, one sequence at a time ...")
+    plain = references(args, seqs, device, say)
+    on = args.label
     if device.type == "cpu":
-        plain = plain_rewards(args.model, seqs, torch.float32, device, args.trust_remote_code)
-        report["float32"] = compare(served, plain)
-        report["reward_std"] = float(plain.std())
+        report["float32"] = compare(served, plain["float32"], on)
+        report["reward_std"] = float(plain["float32"][:, on].std())
         report["pass"] = report["float32"]["max_abs_diff"] <= args.atol
         report["rule"] = f"served vs float32 transformers: max |diff| <= {args.atol}"
     else:
-        bf16 = plain_rewards(args.model, seqs, torch.bfloat16, device, args.trust_remote_code)
-        fp32 = plain_rewards(args.model, seqs, torch.float32, device, args.trust_remote_code)
-        report["served_vs_bfloat16"] = compare(served, bf16)
-        report["served_vs_float32"] = compare(served, fp32)
-        report["bfloat16_vs_float32"] = compare(bf16, fp32)
-        report["reward_std"] = float(fp32.std())
+        bf16, fp32 = plain["bfloat16"], plain["float32"]
+        report["served_vs_bfloat16"] = compare(served, bf16, on)
+        report["served_vs_float32"] = compare(served, fp32, on)
+        report["bfloat16_vs_float32"] = compare(bf16, fp32, on)
+        report["reward_std"] = float(fp32[:, on].std())
         if args.quantized:
             r = report["served_vs_float32"]
             report["pass"] = r["spearman"] >= QUANTIZED_SPEARMAN and r["pair_agreement"] >= QUANTIZED_PAIRS
@@ -168,8 +217,11 @@ def run(args) -> dict:
 
 
 def print_report(report: dict) -> None:
-    print(f"{report['sequences']} sequences, {report['tokens']} tokens, {report['labels']} label(s), reward std "
-          f"{report['reward_std']:.3g}")
+    if "labels" not in report:
+        print(f"{report['sequences']} sequences, {report['tokens']} tokens: references saved to {report['references']}")
+        return
+    print(f"{report['sequences']} sequences, {report['tokens']} tokens, {report['labels']} label(s), on label "
+          f"{report['label']}: reward std {report['reward_std']:.3g}")
     for key in ("float32", "served_vs_bfloat16", "served_vs_float32", "bfloat16_vs_float32"):
         if key in report:
             what = "served vs float32 transformers" if key == "float32" else key.replace("_", " ")
@@ -191,6 +243,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "--n sequences")
     p.add_argument("--quantized", action="store_true", help="the server is quantized (model.quantization): judge "
                    f"the order of the rewards (Spearman >= {QUANTIZED_SPEARMAN}, pairs >= {100 * QUANTIZED_PAIRS:g} %%)")
+    p.add_argument("--label", type=int, default=0, help="the label whose rewards are compared (a multi-label head)")
+    p.add_argument("--references", help="an .npz file that keeps the plain references (loaded when it holds the "
+                   "same sequences of the same model, else computed and saved)")
+    p.add_argument("--references-only", action="store_true", help="compute and save --references; no server")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--request-rows", type=int, default=REQUEST_ROWS,
                    help="sequences per request, sent one request after the other (1: a group sharing a prompt reaches "
@@ -201,6 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     args = p.parse_args(argv)
+    if args.references_only and not args.references:
+        p.error("--references-only needs --references FILE")
     report = run(args)
     if args.json:
         print(json.dumps(report))

@@ -100,6 +100,17 @@ def test_qwen2_checkpoint_by_path_and_the_parity_command(start_server, qwen2_ckp
         report = json.loads(run.stdout)
         assert report["pass"] and report["float32"]["max_abs_diff"] < 1e-4, report
         assert report["sequences"] == n and report["input"] == kind, report
+    # the references kept in a file: computed without the server, then read back instead of recomputed
+    refs, common = tmp_path / "refs.npz", ["--model", str(qwen2_ckpt), "--url", srv.url, "--inputs", str(inputs),
+                                           "--n", "80", "--references", str(tmp_path / "refs.npz")]
+    check = [sys.executable, "-m", "reward_server.check", *common]
+    run = subprocess.run([*check, "--references-only"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and refs.exists(), run.stdout + run.stderr[-3000:]
+    run = subprocess.run([*check, "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and f"references from {refs}" in run.stderr, run.stdout + run.stderr[-3000:]
+    assert json.loads(run.stdout)["float32"]["max_abs_diff"] < 1e-4
+    run = subprocess.run([*check, "--label", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "--label 1: " in run.stderr and "has 1 label(s)" in run.stderr, run.stderr[-3000:]
 
 
 def test_default_model_serves_and_sigterm_exits_cleanly(start_server):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Fidelity report (issue 15): one server's rewards (OVERRIDES, default model.quantization=fp8) against plain
+# transformers in bfloat16 and float32, over the first N sequences of a workload, on every label of the model:
+# max / mean |d|, Spearman, pairs ordered alike (python -m reward_server.check). The references (minutes for an 8B
+# model in float32) are computed while the server starts, and kept in $OUT/refs.npz for the next run.
+#   OUT=/tmp/fidelity MODEL=/tmp/rm8b bash benchmarks/fidelity.sh
+# Env: OUT (/tmp/fidelity), MODEL (/tmp/rm8b, made by benchmarks/make_model.py --fitted-label when missing),
+# WORKLOAD (rlhf), N (1000), NPROC (1), OVERRIDES (model.quantization=fp8), CHECK_ARGS (--quantized; empty for a
+# bf16 server), READY_S (600).
+set -uo pipefail
+OUT=${OUT:-/tmp/fidelity}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
+MODEL=${MODEL:-/tmp/rm8b}; WORKLOAD=${WORKLOAD:-rlhf}; N=${N:-1000}
+OVERRIDES=${OVERRIDES-model.quantization=fp8}; CHECK_ARGS=${CHECK_ARGS---quantized}
+[ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL" --fitted-label
+read -r VOCAB LABELS < <(python3 -c "import json; c=json.load(open('$MODEL/config.json')); print(c['vocab_size'], len(c.get('id2label', {0: 0})))")
+[ -f "$OUT/$WORKLOAD.json" ] || python3 benchmarks/workload.py --kind "$WORKLOAD" --out "$OUT/$WORKLOAD.json" --n "$N" --vocab "$VOCAB"
+inputs=(--model "$MODEL" --inputs "$OUT/$WORKLOAD.json" --n "$N" --references "$OUT/refs.npz")
+
+. benchmarks/lib.sh  # wait_ready, stop
+
+python3 -m reward_server.check "${inputs[@]}" --references-only > "$OUT/refs.log" 2>&1 &
+refs=$!
+start=$(date +%s)
+# shellcheck disable=SC2086
+torchrun --nproc_per_node "${NPROC:-1}" serve_reward_model.py model.path="$MODEL" $OVERRIDES > "$OUT/server.log" 2>&1 &
+pid=$!
+if ! wait_ready localhost:8000 "${READY_S:-600}" "$pid"; then
+  echo "$OVERRIDES: not ready"; tail -30 "$OUT/server.log"; stop "$pid"; kill "$refs" 2>/dev/null; exit 1
+fi
+echo "$OVERRIDES: ready after $(( $(date +%s) - start )) s"
+wait "$refs" || { echo "references failed"; tail -30 "$OUT/refs.log"; stop "$pid"; exit 1; }
+cat "$OUT/refs.log"
+status=0
+for label in $(seq 0 $((LABELS - 1))); do
+  # shellcheck disable=SC2086
+  python3 -m reward_server.check "${inputs[@]}" --label "$label" $CHECK_ARGS | tee "$OUT/label$label.txt" || status=1
+  # shellcheck disable=SC2086
+  python3 -m reward_server.check "${inputs[@]}" --label "$label" $CHECK_ARGS --json > "$OUT/label$label.json" 2>> "$OUT/check.err"
+done
+stop "$pid"; wait "$pid" 2>/dev/null
+exit $status
