@@ -6,14 +6,18 @@
 #   OUT=/tmp/fidelity MODEL=/tmp/rm8b bash benchmarks/fidelity.sh
 # Env: OUT (/tmp/fidelity), MODEL (/tmp/rm8b, made by benchmarks/make_model.py --fitted-label when missing),
 # WORKLOAD (rlhf), N (1000), NPROC (1), OVERRIDES (model.quantization=fp8), CHECK_ARGS (--quantized; empty for a
-# bf16 server), READY_S (600).
+# bf16 server), READY_S (600), SPEED (concurrencies, e.g. "64": then also tokens/s of the same server under
+# benchmarks/perf.py on the workload, and of a baseline server started after it with BASELINE (overrides, default
+# none: bf16 defaults), with REQUESTS per point; a table vs the baseline in $OUT/speed.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/fidelity}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
+export REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-bench-token}
 MODEL=${MODEL:-/tmp/rm8b}; WORKLOAD=${WORKLOAD:-rlhf}; N=${N:-1000}
 OVERRIDES=${OVERRIDES-model.quantization=fp8}; CHECK_ARGS=${CHECK_ARGS---quantized}
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL" --fitted-label
-read -r VOCAB LABELS < <(python3 -c "import json; c=json.load(open('$MODEL/config.json')); print(c['vocab_size'], len(c.get('id2label', {0: 0})))")
+# num_labels from transformers: a config of 2 labels (the default) does not write them
+read -r VOCAB LABELS < <(python3 -c "from transformers import AutoConfig; c=AutoConfig.from_pretrained('$MODEL'); print(c.vocab_size, c.num_labels)" 2>/dev/null)
 [ -f "$OUT/$WORKLOAD.json" ] || python3 benchmarks/workload.py --kind "$WORKLOAD" --out "$OUT/$WORKLOAD.json" --n "$N" --vocab "$VOCAB"
 inputs=(--model "$MODEL" --inputs "$OUT/$WORKLOAD.json" --n "$N" --references "$OUT/refs.npz")
 
@@ -38,5 +42,33 @@ for label in $(seq 0 $((LABELS - 1))); do
   # shellcheck disable=SC2086
   python3 -m reward_server.check "${inputs[@]}" --label "$label" $CHECK_ARGS --json > "$OUT/label$label.json" 2>> "$OUT/check.err"
 done
+speed() {  # label: perf.py rows for the server on :8000
+  # shellcheck disable=SC2086
+  python3 benchmarks/perf.py --input "$OUT/$WORKLOAD.json" --concurrency $SPEED --requests "${REQUESTS:-0}" \
+    --label "$1" | grep '^| ' | grep -v '^| label' | tee -a "$OUT/perf.md"
+}
+[ -n "${SPEED:-}" ] && { : > "$OUT/perf.md"; speed "${OVERRIDES:-defaults}"; }
 stop "$pid"; wait "$pid" 2>/dev/null
+if [ -n "${SPEED:-}" ]; then
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  torchrun --nproc_per_node "${NPROC:-1}" serve_reward_model.py model.path="$MODEL" ${BASELINE:-} > "$OUT/baseline.log" 2>&1 &
+  pid=$!
+  if wait_ready localhost:8000 "${READY_S:-600}" "$pid"; then
+    echo "baseline ${BASELINE:-(defaults)}: ready after $(( $(date +%s) - start )) s"
+    speed "${BASELINE:-defaults}"
+  else
+    echo "baseline: not ready"; tail -30 "$OUT/baseline.log"; status=1
+  fi
+  stop "$pid"; wait "$pid" 2>/dev/null
+  python3 - "$OUT/perf.md" <<'PY' | tee "$OUT/speed.md"
+import sys
+rows = [[c.strip() for c in line.split("|")[1:-1]] for line in open(sys.argv[1])]
+base = {r[1]: float(r[3]) for r in rows[len(rows) // 2:]}  # the baseline's rows come last
+print("| server | concurrency | tokens/s | vs baseline | p50 ms | p99 ms |")
+print("|---|---|---|---|---|---|")
+for label, conc, _, tok, p50, p99 in rows:
+    print(f"| {label} | {conc} | {float(tok):,.0f} | {float(tok) / base[conc]:.2f} | {p50} | {p99} |")
+PY
+fi
 exit $status
