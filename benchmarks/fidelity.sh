@@ -17,7 +17,7 @@ MODEL=${MODEL:-/tmp/rm8b}; WORKLOAD=${WORKLOAD:-rlhf}; N=${N:-1000}
 OVERRIDES=${OVERRIDES-model.quantization=fp8}; CHECK_ARGS=${CHECK_ARGS---quantized}
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL" --fitted-label
 # num_labels from transformers: a config of 2 labels (the default) does not write them
-read -r VOCAB LABELS < <(python3 -c "from transformers import AutoConfig; c=AutoConfig.from_pretrained('$MODEL'); print(c.vocab_size, c.num_labels)" 2>/dev/null)
+read -r VOCAB LABELS < <(python3 -c "from transformers import AutoConfig; c=AutoConfig.from_pretrained('$MODEL'); print(c.vocab_size, c.num_labels)")
 [ -f "$OUT/$WORKLOAD.json" ] || python3 benchmarks/workload.py --kind "$WORKLOAD" --out "$OUT/$WORKLOAD.json" --n "$N" --vocab "$VOCAB"
 inputs=(--model "$MODEL" --inputs "$OUT/$WORKLOAD.json" --n "$N" --references "$OUT/refs.npz")
 
@@ -45,7 +45,7 @@ done
 speed() {  # label: perf.py rows for the server on :8000
   # shellcheck disable=SC2086
   python3 benchmarks/perf.py --input "$OUT/$WORKLOAD.json" --concurrency $SPEED --requests "${REQUESTS:-0}" \
-    --label "$1" | grep '^| ' | grep -v '^| label' | tee -a "$OUT/perf.md"
+    --label "$WORKLOAD: $1" | tee -a "$OUT/perf.md"
 }
 [ -n "${SPEED:-}" ] && { : > "$OUT/perf.md"; speed "${OVERRIDES:-defaults}"; }
 stop "$pid"; wait "$pid" 2>/dev/null
@@ -61,14 +61,6 @@ if [ -n "${SPEED:-}" ]; then
     echo "baseline: not ready"; tail -30 "$OUT/baseline.log"; status=1
   fi
   stop "$pid"; wait "$pid" 2>/dev/null
-  python3 - "$OUT/perf.md" <<'PY' | tee "$OUT/speed.md"
-import sys
-rows = [[c.strip() for c in line.split("|")[1:-1]] for line in open(sys.argv[1])]
-base = {r[1]: float(r[3]) for r in rows[len(rows) // 2:]}  # the baseline's rows come last
-print("| server | concurrency | tokens/s | vs baseline | p50 ms | p99 ms |")
-print("|---|---|---|---|---|---|")
-for label, conc, _, tok, p50, p99 in rows:
-    print(f"| {label} | {conc} | {float(tok):,.0f} | {float(tok) / base[conc]:.2f} | {p50} | {p99} |")
-PY
+  python3 benchmarks/versus.py "$OUT/perf.md" --base "${BASELINE:-defaults}" | tee "$OUT/speed.md"
 fi
 exit $status

@@ -52,15 +52,4 @@ for layout in "${layouts[@]}"; do
   i=$((i + 1))
 done
 
-python3 - "$OUT/perf.md" <<'PY' | tee "$OUT/scaling.md"
-import sys
-rows = [line.split("|")[1:-1] for line in open(sys.argv[1]) if line.startswith("| ") and not line.startswith("| label")]
-rows = [[c.strip() for c in r] for r in rows]
-base = {}
-print("| workload | layout | concurrency | tokens/s | vs the first layout | p50 ms | p99 ms |")
-print("|---|---|---|---|---|---|---|")
-for label, conc, _, tok, p50, p99 in rows:
-    workload, layout = label.split(": ", 1)
-    base.setdefault((workload, conc), float(tok))
-    print(f"| {workload} | {layout} | {conc} | {float(tok):,.0f} | {float(tok) / base[workload, conc]:.2f} | {p50} | {p99} |")
-PY
+python3 benchmarks/versus.py "$OUT/perf.md" | tee "$OUT/scaling.md"
