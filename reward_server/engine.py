@@ -20,6 +20,7 @@ import torch
 
 from . import distributed as d
 from .distributed import Command, Topology
+from .launch_pacing import Pacer
 from .scoring.layout import Layout
 from .scoring.trie import PrefixIndex
 from .statuses import Unavailable
@@ -178,6 +179,8 @@ class EngineStats:
 
     def _reset(self, now: float) -> None:
         self.since, self.forwards, self.seqs, self.tokens, self.computed, self.busy_s = now, 0, 0, 0, 0, 0.0
+        self.launch_s = self.gpu_s = 0.0  # summed over the forwards (the GPU's: those timed, on CUDA)
+        self.gpu_timed = 0
         self.reused_before = self._reused()
         if self.busy_since is not None:
             self.busy_since = now
@@ -186,7 +189,8 @@ class EngineStats:
         if self.busy_since is None:
             self.busy_since = time.monotonic()
 
-    def finished(self, n_seqs: int, n_tokens: int, n_computed: int, idle_after: bool) -> None:
+    def finished(self, n_seqs: int, n_tokens: int, n_computed: int, idle_after: bool, launch_s: float = 0.0,
+                 gpu_s: Optional[float] = None) -> None:
         if self.metrics is not None and self.cache is not None:
             self.metrics.reused.inc(self._reused() - self.reused_counted)
             self.reused_counted = self._reused()
@@ -194,6 +198,10 @@ class EngineStats:
         self.seqs += n_seqs
         self.tokens += n_tokens
         self.computed += n_computed
+        self.launch_s += launch_s
+        if gpu_s is not None:
+            self.gpu_s += gpu_s
+            self.gpu_timed += 1
         if self.metrics is not None:
             self.metrics.forward(n_seqs, n_tokens, n_computed, self.budget)
         if idle_after and self.busy_since is not None:
@@ -212,6 +220,9 @@ class EngineStats:
                      self.seqs, self.tokens, self.computed, self.computed / self.forwards,
                      self.tokens / max(1, self.computed), wall, self.tokens / wall, self.computed / wall,
                      100 * busy / wall)
+            log.info("engine: per forward %.1f ms on rank 0 to plan and launch%s", 1e3 * self.launch_s / self.forwards,
+                     f", {1e3 * self.gpu_s / self.gpu_timed:.1f} ms on the GPU (first kernel to rewards on the host)"
+                     if self.gpu_timed else "")
             if self.cache is not None:
                 log.info("prefix cache: %d of those tokens taken from earlier forwards instead of computed (rank 0's "
                          "replica; %d sequences held)", self._reused() - self.reused_before, len(self.cache))
@@ -221,17 +232,31 @@ class EngineStats:
 class InFlight:
     """A launched forward: its (work, index) pairs and its rewards on their way to the host."""
 
-    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, n_computed: int, host: torch.Tensor, ready):
+    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, n_computed: int, host: torch.Tensor, ready,
+                 begun=None, launch_started: float = 0.0, launch_s: float = 0.0):
         self.picked = picked
         self.n_tokens = n_tokens
         self.n_computed = n_computed
         self.host = host
         self.ready = ready  # a CUDA event recorded after the copy to the host, or None on the CPU
+        self.begun = begun  # a timing CUDA event recorded before the forward's first kernel, or None
+        self.launch_started = launch_started  # time.monotonic() when rank 0 began to plan it
+        self.launch_s = launch_s  # rank 0's time to plan and launch it
+        self.started = launch_started  # when it began on the GPU, at the latest (set when the one before ends)
 
-    def wait(self) -> torch.Tensor:
-        if self.ready is not None:
+    def done(self) -> bool:
+        return self.ready is None or self.ready.query()
+
+    def wait(self) -> Tuple[torch.Tensor, bool]:
+        """The rewards, and whether they were still on their way (this call waited for the GPU)."""
+        waited = not self.done()
+        if waited:
             self.ready.synchronize()
-        return self.host
+        return self.host, waited
+
+    def gpu_seconds(self) -> Optional[float]:
+        """Its time on the GPU, first kernel to rewards on the host (after `wait`); None off the GPU."""
+        return self.begun.elapsed_time(self.ready) / 1e3 if self.begun is not None else None
 
 
 class Leader:
@@ -241,13 +266,15 @@ class Leader:
 
     def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, overlap: bool = True,
                  stats_interval_s: float = 0, sharing: bool = False, min_shared: int = 32,
-                 max_queued_tokens: int = 0, metrics=None):
+                 max_queued_tokens: int = 0, metrics=None, launch_lead: float = 0.0):
         self.engine = engine
         self.heartbeat_s = heartbeat_s
         self.tokens_per_forward = tokens_per_forward  # tokens computed (after prefix sharing)
         self.sharing = sharing
         self.min_shared = min_shared
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
+        self.pacer = Pacer(launch_lead)  # with overlap: how late the next forward may be launched
+        self.shared = 1.0  # tokens received per token computed in the last forward (fills_forward)
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
         self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
         self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, getattr(getattr(engine, "scorer", None), "cache", None))
@@ -303,10 +330,13 @@ class Leader:
             while True:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
+                if in_flight is not None and not stopping:
+                    stopping = self._gather(in_flight)
+                planned = time.monotonic()
                 picked, computed = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
                                                 self.min_shared) if self._pending else ([], 0)
                 try:
-                    launched = self._launch(picked, computed) if picked else None
+                    launched = self._launch(picked, computed, planned) if picked else None
                 except BaseException:
                     # a rank that faulted in the forward still in flight has left the group, so this launch
                     # failed; answer that forward first, so its callers learn the cause (out of memory)
@@ -314,7 +344,7 @@ class Leader:
                         self._finish(in_flight, idle_after=True)
                     raise
                 if in_flight is not None:
-                    self._finish(in_flight, idle_after=launched is None)
+                    self._finish(in_flight, idle_after=launched is None, next_forward=launched)
                 in_flight = launched
                 if in_flight is not None and not self.overlap:
                     self._finish(in_flight, idle_after=True)
@@ -350,6 +380,32 @@ class Leader:
             if item.fut.set_running_or_notify_cancel():
                 self._pending.append(item)
 
+    def _gather(self, in_flight: InFlight) -> bool:
+        """Pacing (launch_pacing.py): while `in_flight` runs on the GPU, take newly queued work until the pacer's
+        deadline, until the queued work fills a forward, or until `in_flight` ends. True once the stop sign was seen."""
+        deadline = self.pacer.deadline(in_flight.started, in_flight.n_computed)
+        if deadline is None:
+            return False
+        while not self._fills_forward() and not in_flight.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:  # wake up at least once per launch time to see whether in_flight has ended early
+                item = self._queue.get(timeout=min(remaining, self.pacer.launch_s))
+            except queue.Empty:
+                continue
+            if item is _STOP:
+                return True
+            if item.fut.set_running_or_notify_cancel():
+                self._pending.append(item)
+        return False
+
+    def _fills_forward(self) -> bool:
+        """Whether the queued sequences would fill a forward's budget, counting their tokens as shared as much as in
+        the last forward."""
+        queued = sum(len(w.seqs[i]) for w in self._pending for i in w.untaken)
+        return queued >= self.tokens_per_forward * self.shared
+
     def oldest_forward_launch(self) -> Optional[float]:
         """time.monotonic() at which the oldest unfinished forward was launched, or None."""
         try:
@@ -364,27 +420,44 @@ class Leader:
             self._closed.set()
             self._fail_pending(exc)
 
-    def _launch(self, picked: List[Tuple[Work, int]], computed: int) -> InFlight:
+    def _launch(self, picked: List[Tuple[Work, int]], computed: int, planned: float) -> InFlight:
+        """`planned`: time.monotonic() when rank 0 began to plan this forward."""
         self._launches.append(time.monotonic())
         seqs = [w.seqs[i] for w, i in picked]
         n_tokens = sum(len(s) for s in seqs)
         self.stats.launched()
         d.send_header(Command.FORWARD, len(seqs), n_tokens)
         local = d.broadcast_batch(seqs, len(seqs), n_tokens)
+        begun, device = None, getattr(getattr(self.engine, "topo", None), "device", None)
+        if device is not None and device.type == "cuda":
+            begun = torch.cuda.Event(enable_timing=True)
+            begun.record(torch.cuda.current_stream(device))
         out = self.engine.forward(local)
         if out.device.type == "cuda":
             with torch.cuda.stream(d.result_stream(out.device)):  # where the rewards were summed (after every
                 # replica's forward), so that this GPU's next forward does not wait for the copy or the other replicas
                 host = out.to("cpu", non_blocking=True)
-                ready = torch.cuda.Event()
+                ready = torch.cuda.Event(enable_timing=True)
                 ready.record()
-            return InFlight(picked, n_tokens, computed, host, ready)
-        return InFlight(picked, n_tokens, computed, out, None)
+        else:
+            host, ready, begun = out, None, None
+        launch_s = time.monotonic() - planned
+        self.pacer.launched(launch_s)
+        return InFlight(picked, n_tokens, computed, host, ready, begun, planned, launch_s)
 
-    def _finish(self, forward: InFlight, idle_after: bool) -> None:
-        out = forward.wait()
+    def _finish(self, forward: InFlight, idle_after: bool, next_forward: Optional[InFlight] = None) -> None:
+        """Read back `forward`'s rewards and answer its callers. `next_forward`: the one launched after it (it begins
+        on the GPU when `forward` ends)."""
+        out, waited = forward.wait()
+        if next_forward is not None and waited:  # it ended now; else at some time since the next one's launch began
+            next_forward.started = time.monotonic()
         self._launches.popleft()
-        self.stats.finished(len(forward.picked), forward.n_tokens, forward.n_computed, idle_after)
+        gpu_s = forward.gpu_seconds()
+        if gpu_s is not None:
+            self.pacer.finished(gpu_s, forward.n_computed)
+        self.shared = forward.n_tokens / max(1, forward.n_computed)
+        self.stats.finished(len(forward.picked), forward.n_tokens, forward.n_computed, idle_after, forward.launch_s,
+                            gpu_s)
         failed, faulted = int(out[-2, 0]), int(out[-1, 0])
         if faulted:
             raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
