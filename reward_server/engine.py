@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
-from typing import Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -113,8 +113,8 @@ class Work:
         return out
 
 
-def plan_forward(pending: Deque[Work], budget: int, sharing: bool = False,
-                 min_shared: int = 32) -> Tuple[List[Tuple[Work, int]], int]:
+def plan_forward(pending: Deque[Work], budget: int, sharing: bool = False, min_shared: int = 32,
+                 cached: Optional[Callable[[np.ndarray], int]] = None) -> Tuple[List[Tuple[Work, int]], int]:
     """The (work, sequence index) pairs of the next forward, and the tokens it computes: the oldest sequence
     first, so nothing waits for ever, then any queued sequence that still fits `budget` tokens, oldest works first
     (first fit). An `alone` work shares its forwards with nobody. A sequence longer than the budget runs on its own.
@@ -122,13 +122,17 @@ def plan_forward(pending: Deque[Work], budget: int, sharing: bool = False,
     With `sharing`, a sequence costs only the tokens it does not share with those already taken (the forward's
     prefix trie grows by that much), and taking one takes the rest of its group (queued sequences sharing at
     least `min_shared` leading tokens with it, from any work) while they fit, so that a group sent as separate
-    requests is scored in one forward."""
+    requests is scored in one forward. `cached(seq)`: how many leading tokens of seq the prefix cache holds; they
+    cost nothing either."""
     head = next((w for w in pending if w.untaken), None)
     if head is None:  # every queued sequence is already in a forward
         return [], 0
     pool = [(w, i) for w in ([head] if head.alone else pending) if not (w.alone and w is not head)
             for i in w.untaken]  # oldest first; head's first untaken sequence is pool[0]
-    index = PrefixIndex([w.seqs[i].numpy() for w, i in pool], min_shared) if sharing else None
+    index = None
+    if sharing:
+        arrays = [w.seqs[i].numpy() for w, i in pool]
+        index = PrefixIndex(arrays, min_shared, [cached(a) for a in arrays] if cached is not None else None)
     taken = np.zeros(len(pool), dtype=bool)
     used = 0
 
@@ -277,7 +281,13 @@ class Leader:
         self.shared = 1.0  # tokens received per token computed in the last forward (fills_forward)
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
         self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
-        self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, getattr(getattr(engine, "scorer", None), "cache", None))
+        cache = getattr(getattr(engine, "scorer", None), "cache", None)  # rank 0's replica's prefix cache, or None
+        self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, cache)
+        # the budget counts tokens held by the prefix cache as free where rank 0 knows them: one replica (with data
+        # parallelism the others' caches hold other sequences)
+        topo = getattr(engine, "topo", None)
+        self.cached = (lambda seq: cache.lookup(seq)[0]) if cache is not None and topo is not None and \
+            topo.dp_size == 1 else None
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: Deque[Work] = deque()
         self._closed = threading.Event()
@@ -334,7 +344,7 @@ class Leader:
                     stopping = self._gather(in_flight)
                 planned = time.monotonic()
                 picked, computed = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
-                                                self.min_shared) if self._pending else ([], 0)
+                                                self.min_shared, self.cached) if self._pending else ([], 0)
                 try:
                     launched = self._launch(picked, computed, planned) if picked else None
                 except BaseException:

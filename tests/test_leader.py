@@ -38,6 +38,7 @@ class RecordingScorer:
 
     def __init__(self, inner=None, poison=None):
         self.inner = inner
+        self.cache = getattr(inner, "cache", None)  # the leader's scheduler reads the prefix cache
         self.poison = poison
         self.forwards = []
 
@@ -233,3 +234,40 @@ def test_plan_forward_with_sharing_cuts_traffic_that_shares_nothing_into_the_sam
 
     plain = forwards(False)
     assert len(plain) > 10 and forwards(True) == plain
+
+
+def test_plan_forward_counts_tokens_the_prefix_cache_holds_as_free():
+    """The rest of a group whose prompt an earlier forward computed: only the responses count against the budget."""
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(4, 500, 300)
+    group = [Work([torch.from_numpy(np.concatenate([prompt, rng.integers(4, 500, 60)]))], None, False) for _ in range(6)]
+
+    def cached(seq):
+        return 300 if np.array_equal(seq[:300], prompt) else 0
+
+    picked, computed = plan_forward(deque(group), 600, sharing=True, min_shared=32)
+    assert len(picked) == 5 and computed == 300 + 5 * 60  # the prompt counts once
+    for w in group:
+        w.untaken = deque([0])
+    picked, computed = plan_forward(deque(group), 600, sharing=True, min_shared=32, cached=cached)
+    assert len(picked) == 6 and computed == 6 * 60
+
+
+def test_the_rest_of_a_cached_group_fills_one_forward_and_its_rewards_stay_exact(topo, llama_ckpt):
+    """Leader + real scorer with its prefix cache: a group's second half, whose prompt the first half's forward
+    computed, fits one forward because the budget counts the cached prompt as free; rewards match transformers."""
+    from conftest import reference_rewards
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    scorer = RecordingScorer(packed_scorer(model))
+    assert scorer.cache is not None
+    prompt = torch.randint(4, 500, (300,))
+    first = [torch.cat([prompt, torch.randint(4, 500, (60,))]) for _ in range(2)]
+    rest = [torch.cat([prompt, torch.randint(4, 500, (60,))]) for _ in range(6)]
+    results = []
+    for batch in (first, rest):  # one leader after the other, on the same scorer (and cache)
+        leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET, sharing=True)
+        results.append(serve(leader, [([s], False) for s in batch]))
+    assert len(scorer.forwards) == 2 and len(scorer.forwards[1]) == 6  # 6 x 60 <= 600; with the prompt, 660
+    got = np.stack([f.result(timeout=1)[0] for batch in results for f in batch])
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s.numpy() for s in first + rest]), atol=1e-5, rtol=0)

@@ -9,7 +9,7 @@ is plain numpy on the CPU, computed alike on every rank from the same sequences.
 """
 
 import bisect
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -119,10 +119,12 @@ class TrieRow:
 
 class PrefixIndex:
     """The scheduler's view of queued sequences: what each would add to the trie of those taken so far, and
-    which queued sequences share a prefix of at least `min_shared` tokens with it (its group)."""
+    which queued sequences share a prefix of at least `min_shared` tokens with it (its group). `cached[i]`: how
+    many leading tokens of sequence i the prefix cache holds (computed by an earlier forward, not again)."""
 
-    def __init__(self, seqs: Sequence[np.ndarray], min_shared: int):
+    def __init__(self, seqs: Sequence[np.ndarray], min_shared: int, cached: Optional[Sequence[int]] = None):
         self.seqs = seqs
+        self.cached = cached
         self.order, self.lcp = trie_order(seqs)
         self.rank = np.empty(len(seqs), dtype=np.int64)
         self.rank[self.order] = np.arange(len(seqs))
@@ -152,6 +154,8 @@ class PrefixIndex:
             shared = max(shared, self._shared(p, self.taken[k]))
         elif k < len(self.taken):  # already taken
             return 0
+        if self.cached is not None:
+            shared = max(shared, int(self.cached[i]))
         return len(self.seqs[i]) - shared
 
     def take(self, i: int) -> None:
