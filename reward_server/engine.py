@@ -260,7 +260,12 @@ class InFlight:
 
     def gpu_seconds(self) -> Optional[float]:
         """Its time on the GPU, first kernel to rewards on the host (after `wait`); None off the GPU."""
-        return self.begun.elapsed_time(self.ready) / 1e3 if self.begun is not None else None
+        if self.begun is None:
+            return None
+        try:
+            return self.begun.elapsed_time(self.ready) / 1e3
+        except RuntimeError:  # an event that was not recorded (a launch that failed half-way): not timed
+            return None
 
 
 class Leader:
