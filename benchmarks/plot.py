@@ -20,8 +20,8 @@ def read_tables(paths):
     for path in paths:
         for line in open(path):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if len(cells) == 6 and cells[1].isdigit():
-                label, conc, _, tps, p50, p99 = cells
+            if len(cells) >= 6 and cells[1].isdigit():
+                label, conc, _, tps, p50, p99 = cells[:6]
                 series[label].append((int(conc), float(tps), float(p50), float(p99)))
     return series
 

@@ -16,6 +16,7 @@ def main():
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in open(a.perf_md)
             if line.startswith("| ") and not line.startswith("| label")]
     base = {}
+    rows = [r[:6] for r in rows]  # perf.py's later columns (perf_analyzer's own figure) are not compared
     for label, conc, _, tok, _, _ in rows:
         workload, server = label.split(": ", 1)
         if a.base is None or server == a.base:
