@@ -73,5 +73,6 @@ def test_perf_analyzer_against_live_server(tmp_path, start_server, llama_ckpt):
                "--requests", 16, "--label", "smoke"], REWARD_SERVER_ACCESS_TOKEN=token)
     row = [line for line in out.splitlines() if line.startswith("| smoke |")]
     assert row, out
-    _, _, conc, req_s, tok_s, p50, p99, _ = row[0].split("|")
+    _, _, conc, req_s, tok_s, p50, p99, analyzer_req_s, _ = row[0].split("|")
     assert int(conc) == 2 and float(req_s) > 0 and float(tok_s) == pytest.approx(64 * float(req_s), rel=0.01)
+    assert float(analyzer_req_s) > 0 and 0 < float(p50) <= float(p99)
