@@ -50,8 +50,6 @@ def serve(cfg: ServeConfig) -> int:
         raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
     if cfg.server.openrlhf_eos not in EOS_MODES:
         raise ValueError(f"server.openrlhf_eos={cfg.server.openrlhf_eos!r}: expected one of {EOS_MODES}")
-    if cfg.batching.launch_lead < 0:
-        raise ValueError(f"batching.launch_lead={cfg.batching.launch_lead}: expected a number >= 0 (0: no pacing)")
     prm = cfg.reward.kind == "prm"
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
@@ -101,8 +99,7 @@ def serve(cfg: ServeConfig) -> int:
     queued = cfg.batching.max_queued_tokens
     metrics = Metrics()
     leader = Leader(engine, cfg.parallel.heartbeat_s, budget, overlap, cfg.server.stats_log_s, layout.sharing,
-                    layout.min_shared, AUTO_QUEUED_FORWARDS * budget if queued is None else queued, metrics,
-                    cfg.batching.launch_lead)
+                    layout.min_shared, AUTO_QUEUED_FORWARDS * budget if queued is None else queued, metrics)
     metrics.watch_queue(leader)
     if prm:
         tag = scorer.readout.tag

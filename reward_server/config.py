@@ -120,12 +120,6 @@ class BatchingConfig:
     # back, so the GPU never waits for rank 0's Python between forwards. Rewards are the same either way. GPU only:
     # on the CPU a forward runs to its end when launched, so there is nothing to overlap.
     overlap: bool = True
-    # With overlap: launch the next forward only when the one on the GPU is expected to end within this many times
-    # the time rank 0 takes to plan and launch one (both measured as it serves), taking newly queued requests
-    # meanwhile, so that the clients the previous forward just answered make it into the next one (a search's short
-    # steps in a closed loop: forwards of about C/2 of C clients' requests instead of C/3). Work that fills a forward
-    # is launched at once. 0: launch as soon as the previous forward is answered. See launch_pacing.py.
-    launch_lead: float = 2.0
     # Overload: tokens of the requests at rank 0 not answered yet (queued or in a forward) beyond which a new request
     # is refused at once with HTTP 503 / gRPC UNAVAILABLE (RemoteGPTRMClient backs off and retries), so that latency
     # stays bounded instead of growing with the backlog. null = auto: 32 forwards' budgets (32 x

@@ -20,7 +20,6 @@ import torch
 
 from . import distributed as d
 from .distributed import Command, Topology
-from .launch_pacing import Pacer
 from .scoring.layout import Layout
 from .scoring.trie import PrefixIndex
 from .statuses import Unavailable
@@ -237,26 +236,19 @@ class InFlight:
     """A launched forward: its (work, index) pairs and its rewards on their way to the host."""
 
     def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, n_computed: int, host: torch.Tensor, ready,
-                 begun=None, launch_started: float = 0.0, launch_s: float = 0.0):
+                 begun=None, launch_s: float = 0.0):
         self.picked = picked
         self.n_tokens = n_tokens
         self.n_computed = n_computed
         self.host = host
         self.ready = ready  # a CUDA event recorded after the copy to the host, or None on the CPU
         self.begun = begun  # a timing CUDA event recorded before the forward's first kernel, or None
-        self.launch_started = launch_started  # time.monotonic() when rank 0 began to plan it
         self.launch_s = launch_s  # rank 0's time to plan and launch it
-        self.started = launch_started  # when it began on the GPU, at the latest (set when the one before ends)
 
-    def done(self) -> bool:
-        return self.ready is None or self.ready.query()
-
-    def wait(self) -> Tuple[torch.Tensor, bool]:
-        """The rewards, and whether they were still on their way (this call waited for the GPU)."""
-        waited = not self.done()
-        if waited:
+    def wait(self) -> torch.Tensor:
+        if self.ready is not None:
             self.ready.synchronize()
-        return self.host, waited
+        return self.host
 
     def gpu_seconds(self) -> Optional[float]:
         """Its time on the GPU, first kernel to rewards on the host (after `wait`); None off the GPU."""
@@ -275,15 +267,13 @@ class Leader:
 
     def __init__(self, engine: Engine, heartbeat_s: float, tokens_per_forward: int, overlap: bool = True,
                  stats_interval_s: float = 0, sharing: bool = False, min_shared: int = 32,
-                 max_queued_tokens: int = 0, metrics=None, launch_lead: float = 0.0):
+                 max_queued_tokens: int = 0, metrics=None):
         self.engine = engine
         self.heartbeat_s = heartbeat_s
         self.tokens_per_forward = tokens_per_forward  # tokens computed (after prefix sharing)
         self.sharing = sharing
         self.min_shared = min_shared
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
-        self.pacer = Pacer(launch_lead)  # with overlap: how late the next forward may be launched
-        self.shared = 1.0  # tokens received per token computed in the last forward (fills_forward)
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
         self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
         cache = getattr(getattr(engine, "scorer", None), "cache", None)  # rank 0's replica's prefix cache, or None
@@ -345,8 +335,6 @@ class Leader:
             while True:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
-                if in_flight is not None and not stopping:
-                    stopping = self._gather(in_flight)
                 planned = time.monotonic()
                 picked, computed = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
                                                 self.min_shared, self.cached) if self._pending else ([], 0)
@@ -359,7 +347,7 @@ class Leader:
                         self._finish(in_flight, idle_after=True)
                     raise
                 if in_flight is not None:
-                    self._finish(in_flight, idle_after=launched is None, next_forward=launched)
+                    self._finish(in_flight, idle_after=launched is None)
                 in_flight = launched
                 if in_flight is not None and not self.overlap:
                     self._finish(in_flight, idle_after=True)
@@ -394,32 +382,6 @@ class Leader:
                 return True
             if item.fut.set_running_or_notify_cancel():
                 self._pending.append(item)
-
-    def _gather(self, in_flight: InFlight) -> bool:
-        """Pacing (launch_pacing.py): while `in_flight` runs on the GPU, take newly queued work until the pacer's
-        deadline, until the queued work fills a forward, or until `in_flight` ends. True once the stop sign was seen."""
-        deadline = self.pacer.deadline(in_flight.started, in_flight.n_computed)
-        if deadline is None:
-            return False
-        while not self._fills_forward() and not in_flight.done():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            try:  # wake up at least once per launch time to see whether in_flight has ended early
-                item = self._queue.get(timeout=min(remaining, self.pacer.launch_s))
-            except queue.Empty:
-                continue
-            if item is _STOP:
-                return True
-            if item.fut.set_running_or_notify_cancel():
-                self._pending.append(item)
-        return False
-
-    def _fills_forward(self) -> bool:
-        """Whether the queued sequences would fill a forward's budget, counting their tokens as shared as much as in
-        the last forward."""
-        queued = sum(len(w.seqs[i]) for w in self._pending for i in w.untaken)
-        return queued >= self.tokens_per_forward * self.shared
 
     def oldest_forward_launch(self) -> Optional[float]:
         """time.monotonic() at which the oldest unfinished forward was launched, or None."""
@@ -456,23 +418,13 @@ class Leader:
                 ready.record()
         else:
             host, ready, begun = out, None, None
-        launch_s = time.monotonic() - planned
-        self.pacer.launched(launch_s)
-        return InFlight(picked, n_tokens, computed, host, ready, begun, planned, launch_s)
+        return InFlight(picked, n_tokens, computed, host, ready, begun, time.monotonic() - planned)
 
-    def _finish(self, forward: InFlight, idle_after: bool, next_forward: Optional[InFlight] = None) -> None:
-        """Read back `forward`'s rewards and answer its callers. `next_forward`: the one launched after it (it begins
-        on the GPU when `forward` ends)."""
-        out, waited = forward.wait()
-        if next_forward is not None and waited:  # it ended now; else at some time since the next one's launch began
-            next_forward.started = time.monotonic()
+    def _finish(self, forward: InFlight, idle_after: bool) -> None:
+        out = forward.wait()
         self._launches.popleft()
-        gpu_s = forward.gpu_seconds()
-        if gpu_s is not None:
-            self.pacer.finished(gpu_s, forward.n_computed)
-        self.shared = forward.n_tokens / max(1, forward.n_computed)
         self.stats.finished(len(forward.picked), forward.n_tokens, forward.n_computed, idle_after, forward.launch_s,
-                            gpu_s)
+                            forward.gpu_seconds())
         failed, faulted = int(out[-2, 0]), int(out[-1, 0])
         if faulted:
             raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
