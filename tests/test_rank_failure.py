@@ -91,8 +91,9 @@ def restarted_and_serving(srv, restarts_done):
 
 def test_subscriber_killed(server):
     errors, _ = fail_while_busy(server, lambda ranks: os.kill(ranks[1], signal.SIGKILL), exit_within=10)
-    assert all(str(e).startswith("[503] reward ranks failed") for e in errors), errors
-    assert not any(".py" in str(e) or ".cc" in str(e) for e in errors), errors  # no server paths
+    messages = [str(e) for e in errors]
+    assert all(m.startswith("[503] reward ranks failed") for m in messages), messages
+    assert not any(".py" in m or ".cc" in m for m in messages), messages  # no server paths
     restarted_and_serving(server, 1)
 
 
