@@ -12,7 +12,7 @@ Requests/s, tokens/s and latencies come from the send and answer time of every m
 (perf_analyzer's --profile-export-file): the measured requests over the time from the first one's send to the last
 one's answer. perf_analyzer's own figure (last column) divides by a window that ends on its polling tick, so a
 short run reads low: 1,024 requests answered in 4.26 s were reported over a 5.0 s window (204.7 instead of 240.5
-requests/s), an error that shrinks as a run grows longer.
+requests/s; CPU, tiny model, tree workload, docs/performance.md), an error that shrinks as a run grows longer.
 """
 
 import argparse

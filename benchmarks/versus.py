@@ -13,10 +13,10 @@ def main():
     p.add_argument("perf_md", help="perf.py's table rows, one file")
     p.add_argument("--base", help="the baseline server's label (default: each workload's first)")
     a = p.parse_args()
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in open(a.perf_md)
+    # perf.py's later columns (perf_analyzer's own figure) are not compared
+    rows = [[c.strip() for c in line.split("|")[1:7]] for line in open(a.perf_md)
             if line.startswith("| ") and not line.startswith("| label")]
     base = {}
-    rows = [r[:6] for r in rows]  # perf.py's later columns (perf_analyzer's own figure) are not compared
     for label, conc, _, tok, _, _ in rows:
         workload, server = label.split(": ", 1)
         if a.base is None or server == a.base:

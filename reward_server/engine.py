@@ -252,12 +252,7 @@ class InFlight:
 
     def gpu_seconds(self) -> Optional[float]:
         """Its time on the GPU, first kernel to rewards on the host (after `wait`); None off the GPU."""
-        if self.begun is None:
-            return None
-        try:
-            return self.begun.elapsed_time(self.ready) / 1e3
-        except RuntimeError:  # an event that was not recorded (a launch that failed half-way): not timed
-            return None
+        return self.begun.elapsed_time(self.ready) / 1e3 if self.begun is not None else None
 
 
 class Leader:
@@ -417,7 +412,7 @@ class Leader:
                 ready = torch.cuda.Event(enable_timing=True)
                 ready.record()
         else:
-            host, ready, begun = out, None, None
+            host, ready = out, None
         return InFlight(picked, n_tokens, computed, host, ready, begun, time.monotonic() - planned)
 
     def _finish(self, forward: InFlight, idle_after: bool) -> None:
