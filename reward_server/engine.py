@@ -284,6 +284,7 @@ class Leader:
         self._lock = threading.RLock()  # no submit slips in between closing and failing what is queued (reentrant:
         # failing a future under it runs its callback, which counts it out of the queue)
         self.failed: Optional[BaseException] = None
+        self._refusal: Optional[BaseException] = None  # why new work is refused once the ranks failed
         self.finished = False  # run() returned after SHUTDOWN
         self._launches: Deque[float] = deque()  # launch times of the forwards not finished yet (watchdog.py)
 
@@ -294,7 +295,7 @@ class Leader:
         with self._lock:
             n_tokens = sum(len(s) for s in seqs)
             if self._closed.is_set():
-                fut.set_exception(ShuttingDown("the reward server is shutting down; retry"))
+                fut.set_exception(self._refusal or ShuttingDown("the reward server is shutting down; retry"))
             elif not seqs:
                 fut.set_result(np.zeros((0, 1), dtype=np.float32))
             elif self.max_queued_tokens and self.queued_tokens and \
@@ -354,11 +355,9 @@ class Leader:
             self.finished = True
         except BaseException as exc:  # a collective failed or a rank faulted: the group is broken, fail everything
             self.failed = exc
-            with self._lock:
-                self._closed.set()
-                # the callers get the cause in a line; a collective's own text (file paths, addresses) stays in the log
-                cause = str(exc) if isinstance(exc, RankFault) else f"a collective failed ({type(exc).__name__})"
-                self._fail_pending(RanksFailed(f"reward ranks failed: {cause}; the server restarts"))
+            # the callers get the cause in a line; a collective's own text (file paths, addresses) stays in the log
+            cause = str(exc) if isinstance(exc, RankFault) else f"a collective failed ({type(exc).__name__})"
+            self.abort(RanksFailed(f"reward ranks failed: {cause}; the server restarts"))
             raise
 
     def _take_queued(self, wait: bool) -> bool:
@@ -387,9 +386,10 @@ class Leader:
 
     def abort(self, exc: BaseException) -> None:
         """From another thread, while the main thread may be stuck in a collective: fail every queued and
-        in-flight work with `exc` and take no new ones."""
+        in-flight work with `exc` and refuse new ones with it (the first failure's cause is kept)."""
         with self._lock:
             self._closed.set()
+            self._refusal = self._refusal or exc
             self._fail_pending(exc)
 
     def _launch(self, picked: List[Tuple[Work, int]], computed: int, planned: float) -> InFlight:

@@ -194,6 +194,9 @@ def test_a_launch_into_a_broken_group_first_answers_the_forward_that_broke_it(to
     assert engine.calls == 2  # forward 2's launch failed before forward 1 was read back
     for fut in futures:
         assert "fatal error (out of memory?)" in str(fut.exception(timeout=1))
+    # a request that comes after the failure, before the process exits, learns the same cause (not "shutting down")
+    late = leader.submit([torch.randint(4, 500, (10,))]).exception(timeout=1)
+    assert str(late).startswith("reward ranks failed: ") and "fatal error (out of memory?)" in str(late), late
 
 
 def test_plan_forward_with_sharing_takes_a_group_together_and_counts_computed_tokens():
