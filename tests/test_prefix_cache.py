@@ -68,7 +68,7 @@ def test_a_small_ring_evicts_old_tokens_and_stays_exact(llama_ckpt):
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
     cache = scorer.cache
     assert cache.reused_tokens > 0 and cache.written > 3 * cache.capacity
-    assert all(e.oldest >= cache.written - cache.capacity for e in cache.entries.values())
+    assert all(e.oldest >= cache.written - cache.capacity for e in cache.held.entries.values())
 
 
 def build_scorer_with_capacity(model, capacity, budget=512):

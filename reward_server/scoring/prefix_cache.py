@@ -19,7 +19,6 @@ would restart the group. Calls without a trie (padded layout) do not use it, nor
 the cache: those run exactly as without it.
 """
 
-import bisect
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 
 from .. import distributed as d
 from .layout import _round_up
-from .trie import common_prefix, trie_order
+from .trie import HeldPrefixes, trie_order
 
 # Index of a context slot that holds nothing (padding): larger than any query's index, so nothing sees it.
 NOTHING = np.iinfo(np.int64).max // 2
@@ -124,27 +123,16 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Forget every entry (the storage stays allocated)."""
-        self.entries: Dict[bytes, Entry] = {}
-        self.sorted_keys: List[bytes] = []
+        self.held = HeldPrefixes(self.min_shared)
         self.written = 0
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.held)
 
     # ------------------------------------------------------------ planning (CPU)
     def lookup(self, seq: np.ndarray) -> Tuple[int, Optional[Entry]]:
-        """The longest prefix of `seq` held by a live entry (0 when shorter than min_shared), and that entry. Sorted
-        by bytes, the entry sharing the longest prefix with `seq` is next to where `seq` would go."""
-        key = seq.tobytes()
-        at = bisect.bisect_left(self.sorted_keys, key)
-        best, found = 0, None
-        for k in (at - 1, at):
-            if 0 <= k < len(self.sorted_keys):
-                entry = self.entries[self.sorted_keys[k]]
-                shared = common_prefix(seq, entry.ids)
-                if shared > best:
-                    best, found = shared, entry
-        return (best, found) if best >= self.min_shared else (0, None)
+        """The longest prefix of `seq` held by a live entry (0 when shorter than min_shared), and that entry."""
+        return self.held.longest(seq)
 
     def plan(self, call, seqs: Sequence[np.ndarray]) -> Optional[Reuse]:
         """`call` (a packed layout.Call) over `seqs` (the call's members, in order) with its cached nodes taken out;
@@ -211,20 +199,8 @@ class PrefixCache:
         flat = slot.reshape(-1)
         for j, seq in enumerate(seqs):
             if len(seq) >= self.min_shared:  # a copy: the caller's array may be a view of a buffer it reuses
-                self._add(Entry(seq.copy(), flat[call.path(j)]))
-        self._evict(horizon)
-
-    def _add(self, entry: Entry) -> None:
-        if entry.key not in self.entries:
-            bisect.insort(self.sorted_keys, entry.key)
-        self.entries[entry.key] = entry  # a sequence scored again: its newest slots
-
-    def _evict(self, horizon: int) -> None:
-        dead = [k for k, e in self.entries.items() if e.oldest < horizon]
-        if dead:
-            for k in dead:
-                del self.entries[k]
-            self.sorted_keys = sorted(self.entries)
+                self.held.add(Entry(seq.copy(), flat[call.path(j)]))
+        self.held.evict(horizon)
 
     # ------------------------------------------------------------ device side
     def kv(self, reuse: Reuse):

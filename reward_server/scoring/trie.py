@@ -165,3 +165,46 @@ class PrefixIndex:
         """The sequences (including i) in i's group, in sorted order."""
         p = int(self.rank[i])
         return self.order[self.group_start[p]:self.group_stop[p]]
+
+
+class HeldPrefixes:
+    """Sequences held somewhere (the prefix cache, a replica), each an entry with `ids`, `key` (ids' bytes) and
+    `oldest` (the clock value of its oldest token); `longest` finds the entry sharing the longest prefix with a
+    sequence: sorted by bytes, it is next to where the sequence would go."""
+
+    def __init__(self, min_shared: int):
+        self.min_shared = max(1, min_shared)
+        self.clear()
+
+    def clear(self) -> None:
+        self.entries: dict = {}
+        self.sorted_keys: List[bytes] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def longest(self, seq: np.ndarray):
+        """(tokens shared, entry) for the entry sharing the longest prefix with `seq`; (0, None) when that is
+        shorter than min_shared."""
+        at = bisect.bisect_left(self.sorted_keys, seq.tobytes())
+        best, found = 0, None
+        for k in (at - 1, at):
+            if 0 <= k < len(self.sorted_keys):
+                entry = self.entries[self.sorted_keys[k]]
+                shared = common_prefix(seq, entry.ids)
+                if shared > best:
+                    best, found = shared, entry
+        return (best, found) if best >= self.min_shared else (0, None)
+
+    def add(self, entry) -> None:
+        if entry.key not in self.entries:
+            bisect.insort(self.sorted_keys, entry.key)
+        self.entries[entry.key] = entry  # a sequence held again: its newest entry
+
+    def evict(self, horizon: int) -> None:
+        """Forget the entries whose oldest token is older than `horizon`."""
+        dead = [k for k, e in self.entries.items() if e.oldest < horizon]
+        if dead:
+            for k in dead:
+                del self.entries[k]
+            self.sorted_keys = sorted(self.entries)
