@@ -20,6 +20,7 @@ from .openrlhf import EOS_MODES, OpenRLHFEndpoint
 from .checkpoint import StartupError
 from .model import load_scalar_scorer, needs_warm_up
 from .prm import StepDecoder, StepOutputs, load_step_scorer
+from .scoring.affinity import ReplicaAffinity
 from .scoring.scorer import warm_up
 from .watchdog import Watchdog
 from .server import (ACCESS_HEADER, AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
@@ -75,9 +76,12 @@ def serve(cfg: ServeConfig) -> int:
     if topo.is_leader:
         log.info("layout %s%s, forwards of up to %d tokens computed per replica", layout.kind,
                  " with prefix sharing" if layout.sharing else "", cfg.batching.max_tokens_per_forward)
+    affinity = None
+    if cfg.batching.replica_affinity and topo.dp_size > 1 and scorer.cache is not None:
+        affinity = ReplicaAffinity(topo.dp_size, scorer.cache.capacity, layout.min_shared)
     if faults.enabled(cfg.fault_injection):
         scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
-    engine = Engine(scorer, topo, layout)
+    engine = Engine(scorer, topo, layout, affinity)
     peers = d.peer_processes()
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.

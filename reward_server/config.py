@@ -108,6 +108,10 @@ class BatchingConfig:
     # that a sequence sharing a prefix with one scored in an earlier forward computes only the rest (a GRPO group
     # split over forwards, a search's next depth). 0: off. See scoring/prefix_cache.py.
     prefix_cache_tokens: int = 32768
+    # With the prefix cache and several data-parallel replicas: a group of sequences goes to the replica whose cache
+    # probably holds its prefix, where that keeps the replicas' tokens computed about equal (every rank keeps the same
+    # record of what each replica was given). False: spread by size alone. See scoring/affinity.py.
+    replica_affinity: bool = True
     # Longest packed row, in tokens; 0 = auto: max_tokens_per_forward with flex_attention (its block mask skips
     # other sequences' blocks), 2048 with a dense mask (sdpa, eager), whose attention work grows with the square
     # of the row length.

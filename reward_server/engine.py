@@ -51,21 +51,32 @@ class RanksFailed(Unavailable):
 FATAL_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 
+# Rows after the rewards in a forward's output, summed over the ranks (first column): how many ranks' forward failed
+# (a bad batch), how many hit a fatal error (RankFault), and the tokens all replicas computed and took from their
+# prefix caches.
+FAILED, FAULTED, COMPUTED, REUSED = range(4)
+TALLY_ROWS = 4
+
+
 class Engine:
     """One synchronized forward over all ranks. `layout` splits each forward over the data-parallel replicas
-    (keeping sequences that share a prefix together); every rank computes the same split from the same ids."""
+    (keeping sequences that share a prefix together, and with `affinity` sending them where their prefix is
+    cached); every rank computes the same split from the same ids."""
 
-    def __init__(self, scorer, topo: Topology, layout: Optional[Layout] = None):
+    def __init__(self, scorer, topo: Topology, layout: Optional[Layout] = None, affinity=None):
         self.scorer = scorer
         self.topo = topo
         self.layout = layout or Layout("packed", 1, 0, sharing=False)
+        self.affinity = affinity  # scoring.affinity.ReplicaAffinity, or None
 
     def forward(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        """`seqs` on the CPU. Returns [n + 2, width] on rank 0: rewards, then two rows whose first values count the
-        ranks whose forward failed (bad batch) and the ranks that hit a fatal error (RankFault)."""
+        """`seqs` on the CPU. Returns [n + TALLY_ROWS, width] on rank 0: rewards, then the tally rows above."""
         n = len(seqs)
-        out = torch.zeros(n + 2, self.scorer.output_width(seqs), dtype=torch.float32, device=self.topo.device)
-        mine = self.layout.replica_shares([s.numpy() for s in seqs], self.topo.dp_size)[self.topo.dp_rank]
+        out = torch.zeros(n + TALLY_ROWS, self.scorer.output_width(seqs), dtype=torch.float32,
+                          device=self.topo.device)
+        shares = self.layout.replica_shares([s.numpy() for s in seqs], self.topo.dp_size, self.affinity)
+        mine = shares[self.topo.dp_rank]
+        computed, reused = self.scorer.computed_tokens, self.scorer.reused_tokens
         fault = None
         try:
             if mine:
@@ -78,10 +89,13 @@ class Engine:
             if self.topo.tp_size > 1:  # the other ranks may wait inside the forward's own collectives: leave now
                 raise RankFault(f"rank {self.topo.rank}: {exc}") from exc
             fault = exc
-            out[n + 1, 0] = 1.0
+            out[n + FAULTED, 0] = 1.0
         except Exception:
             log.exception("rank %d: forward failed", self.topo.rank)
-            out[n, 0] = 1.0
+            out[n + FAILED, 0] = 1.0
+        if self.topo.tp_rank == 0:  # one rank per replica counts its tokens
+            out[n + COMPUTED, 0] = float(self.scorer.computed_tokens - computed)
+            out[n + REUSED, 0] = float(self.scorer.reused_tokens - reused)
         out = d.reduce_to_leader(out)
         if fault is not None:  # rank 0 now knows; leave the group
             raise RankFault(f"rank {self.topo.rank}: {fault}") from fault
@@ -173,18 +187,14 @@ class EngineStats:
         self.metrics = metrics  # metrics.Metrics, or None
         self.budget = budget
         self.cache = cache  # rank 0's scoring.prefix_cache.PrefixCache, or None
-        self.reused_counted = self._reused()  # by the metrics
         self.busy_since: Optional[float] = None
         self._reset(time.monotonic())
-
-    def _reused(self) -> int:
-        return self.cache.reused_tokens if self.cache is not None else 0
 
     def _reset(self, now: float) -> None:
         self.since, self.forwards, self.seqs, self.tokens, self.computed, self.busy_s = now, 0, 0, 0, 0, 0.0
         self.launch_s = self.gpu_s = 0.0  # summed over the forwards (the GPU's: those timed, on CUDA)
         self.gpu_timed = 0
-        self.reused_before = self._reused()
+        self.reused = 0
         if self.busy_since is not None:
             self.busy_since = now
 
@@ -192,11 +202,12 @@ class EngineStats:
         if self.busy_since is None:
             self.busy_since = time.monotonic()
 
-    def finished(self, n_seqs: int, n_tokens: int, n_computed: int, idle_after: bool, launch_s: float = 0.0,
-                 gpu_s: Optional[float] = None) -> None:
+    def finished(self, n_seqs: int, n_tokens: int, n_computed: int, n_reused: int, idle_after: bool,
+                 launch_s: float = 0.0, gpu_s: Optional[float] = None) -> None:
+        """A forward was read back: `n_computed` and `n_reused` tokens summed over the replicas."""
         if self.metrics is not None and self.cache is not None:
-            self.metrics.reused.inc(self._reused() - self.reused_counted)
-            self.reused_counted = self._reused()
+            self.metrics.reused.inc(n_reused)
+        self.reused += n_reused
         self.forwards += 1
         self.seqs += n_seqs
         self.tokens += n_tokens
@@ -227,19 +238,18 @@ class EngineStats:
                      f", {1e3 * self.gpu_s / self.gpu_timed:.1f} ms on the GPU (first kernel to rewards on the host)"
                      if self.gpu_timed else "")
             if self.cache is not None:
-                log.info("prefix cache: %d of those tokens taken from earlier forwards instead of computed (rank 0's "
-                         "replica; %d sequences held)", self._reused() - self.reused_before, len(self.cache))
+                log.info("prefix cache: %d of those tokens taken from earlier forwards instead of computed (all "
+                         "replicas; rank 0's holds %d sequences)", self.reused, len(self.cache))
         self._reset(now)
 
 
 class InFlight:
     """A launched forward: its (work, index) pairs and its rewards on their way to the host."""
 
-    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, n_computed: int, host: torch.Tensor, ready,
+    def __init__(self, picked: List[Tuple[Work, int]], n_tokens: int, host: torch.Tensor, ready,
                  begun=None, launch_s: float = 0.0):
         self.picked = picked
         self.n_tokens = n_tokens
-        self.n_computed = n_computed
         self.host = host
         self.ready = ready  # a CUDA event recorded after the copy to the host, or None on the CPU
         self.begun = begun  # a timing CUDA event recorded before the forward's first kernel, or None
@@ -273,11 +283,15 @@ class Leader:
         self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
         cache = getattr(getattr(engine, "scorer", None), "cache", None)  # rank 0's replica's prefix cache, or None
         self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, cache)
-        # the budget counts tokens held by the prefix cache as free where rank 0 knows them: one replica (with data
-        # parallelism the others' caches hold other sequences)
-        topo = getattr(engine, "topo", None)
-        self.cached = (lambda seq: cache.lookup(seq)[0]) if cache is not None and topo is not None and \
-            topo.dp_size == 1 else None
+        # the budget counts tokens held by the prefix cache as free where rank 0 knows them: with one replica its
+        # cache, with several the record of what each was given (scoring/affinity.py), which sends a sequence to the
+        # replica that holds the most of it
+        topo, affinity = getattr(engine, "topo", None), getattr(engine, "affinity", None)
+        self.cached: Optional[Callable[[np.ndarray], int]] = None
+        if cache is not None and topo is not None and topo.dp_size == 1:
+            self.cached = lambda seq: cache.lookup(seq)[0]
+        elif affinity is not None:
+            self.cached = affinity.held
         self._queue: "queue.Queue" = queue.Queue()
         self._pending: Deque[Work] = deque()
         self._closed = threading.Event()
@@ -332,10 +346,10 @@ class Leader:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
                 planned = time.monotonic()
-                picked, computed = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
-                                                self.min_shared, self.cached) if self._pending else ([], 0)
+                picked, _ = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
+                                         self.min_shared, self.cached) if self._pending else ([], 0)
                 try:
-                    launched = self._launch(picked, computed, planned) if picked else None
+                    launched = self._launch(picked, planned) if picked else None
                 except BaseException:
                     # a rank that faulted in the forward still in flight has left the group, so this launch
                     # failed; answer that forward first, so its callers learn the cause (out of memory)
@@ -392,7 +406,7 @@ class Leader:
             self._refusal = self._refusal or exc
             self._fail_pending(exc)
 
-    def _launch(self, picked: List[Tuple[Work, int]], computed: int, planned: float) -> InFlight:
+    def _launch(self, picked: List[Tuple[Work, int]], planned: float) -> InFlight:
         """`planned`: time.monotonic() when rank 0 began to plan this forward."""
         self._launches.append(time.monotonic())
         seqs = [w.seqs[i] for w, i in picked]
@@ -413,14 +427,16 @@ class Leader:
                 ready.record()
         else:
             host, ready = out, None
-        return InFlight(picked, n_tokens, computed, host, ready, begun, time.monotonic() - planned)
+        return InFlight(picked, n_tokens, host, ready, begun, time.monotonic() - planned)
 
     def _finish(self, forward: InFlight, idle_after: bool) -> None:
         out = forward.wait()
         self._launches.popleft()
-        self.stats.finished(len(forward.picked), forward.n_tokens, forward.n_computed, idle_after, forward.launch_s,
-                            forward.gpu_seconds())
-        failed, faulted = int(out[-2, 0]), int(out[-1, 0])
+        n = len(forward.picked)
+        tally = out[n:, 0].tolist()
+        self.stats.finished(n, forward.n_tokens, int(tally[COMPUTED]), int(tally[REUSED]), idle_after,
+                            forward.launch_s, forward.gpu_seconds())
+        failed, faulted = int(tally[FAILED]), int(tally[FAULTED])
         if faulted:
             raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
         # a work failed by an earlier forward may still have had sequences in this one: skip it
@@ -430,7 +446,7 @@ class Leader:
                 self._pending.remove(w)
                 w.fut.set_exception(ForwardError(f"the forward failed on {failed} rank(s); see the server log"))
             return
-        values = out[:-2].numpy()
+        values = out[:n].numpy()
         for (w, i), row in zip(forward.picked, values):
             w.rows[i] = row
             w.missing -= 1

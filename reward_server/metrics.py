@@ -58,9 +58,10 @@ class Metrics:
         self.sequences = Counter("reward_server_sequences", "Sequences scored", registry=r)
         self.received = Counter("reward_server_tokens_received", "Tokens of the scored sequences", registry=r)
         self.computed = Counter("reward_server_tokens_computed",
-                                "Tokens computed (received minus those of shared prefixes computed once)", registry=r)
+                                "Tokens computed, all replicas (received minus those of shared prefixes computed once "
+                                "and those taken from the prefix cache)", registry=r)
         self.reused = Counter("reward_server_tokens_reused", "Tokens taken from the prefix cache (computed by earlier "
-                              "forwards) instead of computed; rank 0's data-parallel replica", registry=r)
+                              "forwards) instead of computed, all replicas", registry=r)
         self.fill = Histogram("reward_server_forward_fill", "Tokens computed per forward / the forward's token budget",
                               buckets=FILL_BUCKETS, registry=r)
         self.errors = Counter("reward_server_errors", "Failed requests and rows, by kind: input (HTTP 400 or a row's "

@@ -14,7 +14,7 @@ import torch
 
 from reward_server import distributed as d
 from reward_server.config import BatchingConfig, ModelConfig, ParallelConfig
-from reward_server.engine import Engine
+from reward_server.engine import FAILED, FAULTED, Engine
 from reward_server.model import load_scalar_scorer
 
 LAYOUTS = {"packed": BatchingConfig(layout="packed", prefix_sharing=True),
@@ -42,7 +42,8 @@ def main(out: Path, cases: Path, checkpoints) -> None:
             assert split, f"{name}: no weight is split over the tensor-parallel ranks"
             out_ = Engine(scorer, topo, scorer.layout).forward(seqs)
             if topo.is_leader:
-                assert not out_[len(seqs):, 0].any(), f"{name} {layout}: a rank's forward failed"
+                assert not out_[len(seqs) + FAILED, 0] and not out_[len(seqs) + FAULTED, 0], \
+                    f"{name} {layout}: a rank's forward failed"
                 np.save(out / f"{name}-{layout}.npy", out_[: len(seqs), : config.num_labels].numpy())
                 print(f"{name} {layout}: {config.model_type}, attention {config._attn_implementation}, "
                       f"{split} weights split over the tensor-parallel ranks", flush=True)

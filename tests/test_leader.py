@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from conftest import reference_rewards
 from reward_server import distributed as d
 from reward_server.config import ParallelConfig
-from reward_server.engine import Engine, ForwardError, Leader, ShuttingDown, plan_forward, Work
+from reward_server.engine import FAULTED, Engine, ForwardError, Leader, ShuttingDown, plan_forward, Work
 from reward_server.config import BatchingConfig
 from reward_server.scoring.readout import LastToken
 from reward_server.scoring.scorer import build_scorer
@@ -41,12 +41,23 @@ class RecordingScorer:
         self.cache = getattr(inner, "cache", None)  # the leader's scheduler reads the prefix cache
         self.poison = poison
         self.forwards = []
+        self.alone_computed = 0  # without `inner`: every token of each sequence
+
+    @property
+    def computed_tokens(self):
+        return self.inner.computed_tokens if self.inner is not None else self.alone_computed
+
+    @property
+    def reused_tokens(self):
+        return self.inner.reused_tokens if self.inner is not None else 0
 
     def output_width(self, seqs):
         return 1
 
     def __call__(self, seqs):
         self.forwards.append([s.clone() for s in seqs])
+        if self.inner is None:
+            self.alone_computed += sum(len(s) for s in seqs)
         if self.poison is not None and any(bool((s == self.poison).any()) for s in seqs):
             raise ValueError("poisoned forward")
         if self.inner is not None:
@@ -177,7 +188,7 @@ class FaultThenBrokenGroup:
         if self.calls > 1:
             raise ConnectionError("connection closed by peer")
         out = self.engine.forward(seqs)
-        out[-1, 0] = 1.0
+        out[len(seqs) + FAULTED, 0] = 1.0
         return out
 
 

@@ -89,13 +89,15 @@ class Layout:
         cap = cap or max(1, -(-int(lengths.sum() - lcp.sum()) // parts))
         return [(order[a:b], cost) for a, b, cost in units(lengths, lcp, self.min_shared, cap)]
 
-    def replica_shares(self, seqs: Sequence[np.ndarray], n_replicas: int) -> List[List[int]]:
+    def replica_shares(self, seqs: Sequence[np.ndarray], n_replicas: int, affinity=None) -> List[List[int]]:
         """Sequence indices for each data-parallel replica, about equal in tokens computed; with sharing, a group
-        sharing a prefix goes to one replica (unless it alone is more than a replica's share)."""
+        sharing a prefix goes to one replica (unless it alone is more than a replica's share), and with `affinity`
+        (scoring/affinity.py) preferably to the one whose prefix cache holds its prefix."""
         if n_replicas == 1:
             return [list(range(len(seqs)))]
         run = self._units(seqs, range(len(seqs)), parts=n_replicas)
-        return [[int(i) for u in b for i in run[u][0]] for b in least_loaded([c for _, c in run], n_replicas)]
+        bins = affinity.assign(seqs, run) if affinity is not None else least_loaded([c for _, c in run], n_replicas)
+        return [[int(i) for u in b for i in run[u][0]] for b in bins]
 
     def calls(self, seqs: Sequence[np.ndarray]) -> Iterator[Call]:
         if self.kind == "padded":

@@ -47,6 +47,12 @@ class Scorer:
         self.device = device
         self.cache = cache  # PrefixCache (packed layout with prefix sharing), or None
         self.cache_argument = cache_argument(backbone)
+        self.computed_tokens = 0  # tokens the backbone computed (no padding), all calls so far
+
+    @property
+    def reused_tokens(self) -> int:
+        """Tokens taken from the prefix cache instead of computed, all calls so far."""
+        return self.cache.reused_tokens if self.cache is not None else 0
 
     def output_width(self, seqs: List[torch.Tensor]) -> int:
         return self.readout.output_width([s.numpy() for s in seqs])
@@ -71,16 +77,19 @@ class Scorer:
     def _hidden_states(self, call, members):
         """The call's final hidden states [tokens, hidden size], and (member, depth) -> the row of a token."""
         if call.ends is None:  # padded: transformers makes the causal mask and positions from the padding mask
+            self.computed_tokens += call.computed
             hidden = self.backbone(input_ids=self._device(call.ids), attention_mask=self._device(call.pad_mask),
                                    use_cache=False).last_hidden_state
             return hidden.reshape(-1, hidden.shape[-1]), call.index
         reuse = self.cache.plan(call, members) if self.cache is not None else None
         if reuse is None:
+            self.computed_tokens += call.computed
             positions = self._device(call.positions)
             hidden = self.backbone(input_ids=self._device(call.ids), position_ids=positions,
                                    attention_mask=self.masks(self._device(call.ends), positions),
                                    use_cache=False).last_hidden_state
             return hidden.reshape(-1, hidden.shape[-1]), call.index
+        self.computed_tokens += reuse.computed
         try:
             hidden = None
             if reuse.computed:  # else every token of the call is cached
