@@ -125,7 +125,9 @@ def serve(cfg: ServeConfig) -> int:
     draining = threading.Event()
 
     def drain(signum, _frame):
-        if draining.is_set():
+        # after the group failed (torchrun then signals the other ranks) it exits at once, and new requests are
+        # refused with the failure's cause, not "shutting down"
+        if draining.is_set() or leader.failed is not None:
             return
         draining.set()
         log.info("signal %d: draining and shutting down", signum)

@@ -55,7 +55,7 @@ FATAL_ERRORS = (torch.OutOfMemoryError, MemoryError)
 # (a bad batch), how many hit a fatal error (RankFault), and the tokens all replicas computed and took from their
 # prefix caches.
 FAILED, FAULTED, COMPUTED, REUSED = range(4)
-TALLY_ROWS = 4
+TALLY_ROWS = REUSED + 1
 
 
 class Engine:
