@@ -14,7 +14,7 @@ that fails clears a cache, not the record; a call that shares nothing is not sto
 with nothing held is not recorded either), so it steers work and never changes a reward.
 """
 
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -37,10 +37,6 @@ class ReplicaRecord:
         self.held = HeldPrefixes(min_shared)
         self.written = 0
 
-    def holds(self, seqs: Sequence[np.ndarray], lcp: Sequence[int]) -> int:
-        """Tokens of the trie of `seqs` (sorted; lcp[k]: the prefix seqs[k] shares with seqs[k - 1]) held here."""
-        return sum(max(0, self.held.longest(s)[0] - int(shared)) for s, shared in zip(seqs, lcp))
-
     def record(self, seqs: Sequence[np.ndarray], computed: int) -> None:
         """`seqs` were given to this replica, which computed `computed` tokens of them."""
         oldest = self.written
@@ -59,21 +55,35 @@ class ReplicaAffinity:
 
     def __init__(self, n_replicas: int, capacity: int, min_shared: int):
         self.replicas = [ReplicaRecord(capacity, min_shared) for _ in range(n_replicas)]
+        # per sequence (its bytes), the tokens of it each replica holds, until the next record: the scheduler looks
+        # the queued sequences up, then `assign` the ones it took
+        self._known: Dict[bytes, List[int]] = {}
+
+    def _lengths(self, seq: np.ndarray) -> List[int]:
+        key = seq.tobytes()
+        got = self._known.get(key)
+        if got is None:
+            got = self._known[key] = [r.held.longest(seq)[0] for r in self.replicas]
+        return got
+
+    def _empty(self) -> bool:
+        return not any(len(r.held) for r in self.replicas)
 
     def held(self, seq: np.ndarray) -> int:
         """The longest prefix of `seq` that a replica probably holds."""
-        return max((r.held.longest(seq)[0] for r in self.replicas if len(r.held)), default=0)
+        return 0 if self._empty() else max(self._lengths(seq))
 
     def assign(self, seqs: Sequence[np.ndarray], units: Sequence[Tuple[np.ndarray, int]]) -> List[List[int]]:
         """Unit indices for each replica. `units`: (sequence indices in sorted order, tokens of their trie), groups to
         keep together (layout.Layout._units). Records the assignment."""
         n = len(self.replicas)
         members = [[seqs[int(i)] for i in idx] for idx, _ in units]
-        if any(len(r.held) for r in self.replicas):
-            lcps = [[0] + [common_prefix(a, b) for a, b in zip(m, m[1:])] for m in members]
-            held = [[r.holds(m, lcp) for r in self.replicas] for m, lcp in zip(members, lcps)]
-        else:  # nothing recorded (traffic that shares nothing): no lookups
-            held = [[0] * n for _ in units]
+        held = [[0] * n for _ in units]  # tokens of each unit's trie that each replica holds
+        if not self._empty():  # else nothing recorded (traffic that shares nothing): no lookups
+            for u, m in enumerate(members):
+                for s, shared in zip(m, [0] + [common_prefix(a, b) for a, b in zip(m, m[1:])]):
+                    held[u] = [h + max(0, n_held - shared) for h, n_held in zip(held[u], self._lengths(s))]
+        self._known.clear()
         load = [0] * n
         bins: List[List[int]] = [[] for _ in range(n)]
         for u in sorted(range(len(units)), key=lambda u: -units[u][1]):
