@@ -76,3 +76,14 @@ def test_perf_analyzer_against_live_server(tmp_path, start_server, llama_ckpt):
     _, _, conc, req_s, tok_s, p50, p99, analyzer_req_s, _ = row[0].split("|")
     assert int(conc) == 2 and float(req_s) > 0 and float(tok_s) == pytest.approx(64 * float(req_s), rel=0.01)
     assert float(analyzer_req_s) > 0 and 0 < float(p50) <= float(p99)
+
+
+def test_replica_affinity_counts_tokens_with_and_without_the_record():
+    out = run([BENCH / "replica_affinity.py", "--replicas", 2, "--workloads", "tree", "rlhf", "--n", 96,
+               "--clients", 32, "--vocab", 512])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| tree")
+            or line.startswith("| rlhf")]
+    assert [(r[0], r[2]) for r in rows] == [("tree", "off"), ("tree", "on"), ("rlhf", "off"), ("rlhf", "on")], out
+    computed = {(r[0], r[2]): int(r[4].replace(",", "")) for r in rows}
+    assert computed["tree", "on"] <= computed["tree", "off"] < int(rows[0][3].replace(",", "")), out
+    assert computed["rlhf", "on"] == computed["rlhf", "off"], out  # nothing shared: spread as before
