@@ -71,6 +71,24 @@ def test_a_small_ring_evicts_old_tokens_and_stays_exact(llama_ckpt):
     assert all(e.oldest >= cache.written - cache.capacity for e in cache.held.entries.values())
 
 
+def test_a_call_that_wraps_the_ring_over_its_own_context_reads_the_context_first(llama_ckpt):
+    """A sequence scored again, all of it cached (its last token's final hidden state is its reward), beside new
+    tokens enough to wrap the ring onto that token's slot: the call must read the cached state before storing its
+    own tokens over it. (Seen in tests/test_load.py's CI run: one 32-token duplicate got another reward.)"""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+    scorer = build_scorer_with_capacity(model, capacity=300)
+    rng = np.random.default_rng(13)
+    a = rng.integers(4, 500, 40).astype(np.int64)
+    stem = rng.integers(4, 500, 40).astype(np.int64)
+    forwards = [[a, np.concatenate([a, rng.integers(4, 500, 5)])],  # stored: virtual slots 0-44
+                [a] + [np.concatenate([stem, rng.integers(4, 500, 130)]) for _ in range(2)]]  # 300 new: 45-344
+    got = score_in_forwards(scorer, forwards)
+    assert scorer.cache.written == 345  # a's last token (slot 39) was overwritten by token 339 of the second call
+    np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
+
+
 def build_scorer_with_capacity(model, capacity, budget=512):
     from reward_server.scoring.readout import LastToken
 

@@ -234,7 +234,8 @@ class PrefixCache:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def store(self, reuse: Reuse, kv, hidden: torch.Tensor) -> None:
-        """After the forward: the new tokens' keys, values and final hidden states into their slots."""
+        """After the forward, and after `hidden_states` read the context's (the new tokens may wrap onto its slots):
+        the new tokens' keys, values and final hidden states into their slots."""
         if not len(reuse.store_slots):
             return
         rows = d.to_device(torch.from_numpy(reuse.store_rows), self.device)

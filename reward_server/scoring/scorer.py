@@ -91,7 +91,7 @@ class Scorer:
             return hidden.reshape(-1, hidden.shape[-1]), call.index
         self.computed_tokens += reuse.computed
         try:
-            hidden = None
+            hidden = kv = None
             if reuse.computed:  # else every token of the call is cached
                 positions = self._device(reuse.positions)
                 if reuse.context:
@@ -105,8 +105,11 @@ class Scorer:
                     hidden = self.backbone(input_ids=self._device(reuse.ids), position_ids=positions,
                                            attention_mask=mask, use_cache=True,
                                            **{self.cache_argument: kv}).last_hidden_state
-                self.cache.store(reuse, kv, hidden)
+            # the cached tokens' final hidden states first: storing this call's new tokens may wrap the ring onto
+            # their slots (their keys and values were read layer by layer, before)
             states = self.cache.hidden_states(reuse, hidden)
+            if hidden is not None:
+                self.cache.store(reuse, kv, hidden)
         except BaseException:
             self.cache.clear()  # its entries for this call name slots that were not written
             raise
