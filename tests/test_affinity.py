@@ -134,3 +134,39 @@ def test_a_search_tree_on_two_replicas_computes_fewer_tokens_and_rewards_stay_ex
     expected = reference_rewards(llama_ckpt, seqs)
     np.testing.assert_allclose(np.stack([steered[s.tobytes()] for s in seqs]), expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.stack([spread[s.tobytes()] for s in seqs]), expected, atol=1e-5, rtol=0)
+
+
+def test_random_traffic_with_duplicates_on_two_replicas_with_small_rings_stays_exact(llama, llama_ckpt):
+    """Like tests/test_load.py, in process: requests of 1-4 sequences drawn from a pool of 128 (1-70 tokens, so
+    duplicates and cached sequences are common), forwards planned by the scheduler with the record's cached counts,
+    split over two replicas whose 500-token rings wrap every few forwards. Every reward equals transformers'.
+    (Before the prefix cache read its hidden states ahead of storing, this found hundreds of wrong rows.)"""
+    from collections import deque
+    from concurrent.futures import Future
+
+    from reward_server.engine import Work, plan_forward
+    from test_prefix_cache import build_scorer_with_capacity
+
+    rng = np.random.default_rng(0)
+    pool = [ids(rng, int(n)) for n in rng.integers(1, 71, 128)]
+    reward_of = {p.tobytes(): r for p, r in zip(pool, reference_rewards(llama_ckpt, pool)[:, 0])}
+    replicas = [build_scorer_with_capacity(llama, 500, budget=2048) for _ in range(2)]
+    affinity, pending, rows = ReplicaAffinity(2, 500, MIN_SHARED), deque(), 0
+    for _ in range(40):
+        for _ in range(int(rng.integers(1, 30))):
+            work = Work([torch.from_numpy(pool[i]) for i in rng.integers(0, len(pool), int(rng.integers(1, 5)))],
+                        Future(), alone=False)
+            pending.append(work)
+        picked, _ = plan_forward(pending, int(rng.integers(50, 3000)), True, MIN_SHARED, affinity.held)
+        batch = [w.seqs[i].numpy() for w, i in picked]
+        for r, share in enumerate(layout(2048).replica_shares(batch, 2, affinity)):
+            if share:
+                got = replicas[r]([torch.from_numpy(batch[i]) for i in share]).numpy()[:, 0]
+                want = [reward_of[batch[i].tobytes()] for i in share]
+                np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+                rows += len(share)
+        for w in {id(w): w for w, _ in picked}.values():
+            if not w.untaken:
+                pending.remove(w)
+    assert rows > 500 and all(s.cache.written > 3 * 500 for s in replicas), rows
+    assert sum(s.reused_tokens for s in replicas) > 0
