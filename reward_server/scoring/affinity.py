@@ -2,8 +2,8 @@
 prefix, as far as that keeps the replicas' work about equal.
 
 Each replica has a prefix cache of its own (scoring/prefix_cache.py), holding the tokens of the forwards it ran.
-Spread by size alone, a search's next depth or the rest of a GRPO group lands on a replica that holds nothing of it
-about half the time with two replicas. So every rank keeps a record of the sequences each replica was given, and
+Spread by size alone, a search's next depth or the rest of a GRPO group may land on a replica that holds nothing of
+it: that spread does not look at the caches. So every rank keeps a record of the sequences each replica was given, and
 `assign` puts each group (largest first) where it costs least: the tokens that replica was given in this forward so
 far, plus the group's tokens it does not hold. With nothing recorded this is the size-only spread (largest first, to
 the least loaded), so traffic that shares nothing is spread as it was.

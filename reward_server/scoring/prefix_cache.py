@@ -225,7 +225,16 @@ class PrefixCache:
             reuse._slots = d.to_device(torch.from_numpy(reuse.context_slots.reshape(-1)), self.device)
         return reuse._slots
 
-    def hidden_states(self, reuse: Reuse, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+    def finish(self, reuse: Reuse, kv, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """After the call's forward (`hidden`: its new tokens' final hidden states, None when all were cached): the
+        final hidden states the readout takes, then the new tokens stored. In that order: the new tokens may wrap
+        the ring onto the slots of the call's own context (its keys and values were read during the forward)."""
+        states = self._hidden_states(reuse, hidden)
+        if hidden is not None:
+            self._store(reuse, kv, hidden)
+        return states
+
+    def _hidden_states(self, reuse: Reuse, hidden: Optional[torch.Tensor]) -> torch.Tensor:
         """[R * W + context tokens, hidden size]: the call's new tokens' final hidden states, then its context's."""
         parts = [] if hidden is None else [hidden.reshape(-1, hidden.shape[-1])]
         if reuse.reused:
@@ -233,9 +242,8 @@ class PrefixCache:
             parts.append(self.hidden.index_select(0, slots))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def store(self, reuse: Reuse, kv, hidden: torch.Tensor) -> None:
-        """After the forward, and after `hidden_states` read the context's (the new tokens may wrap onto its slots):
-        the new tokens' keys, values and final hidden states into their slots."""
+    def _store(self, reuse: Reuse, kv, hidden: torch.Tensor) -> None:
+        """The new tokens' keys, values and final hidden states into their slots (see `finish`)."""
         if not len(reuse.store_slots):
             return
         rows = d.to_device(torch.from_numpy(reuse.store_rows), self.device)

@@ -105,11 +105,7 @@ class Scorer:
                     hidden = self.backbone(input_ids=self._device(reuse.ids), position_ids=positions,
                                            attention_mask=mask, use_cache=True,
                                            **{self.cache_argument: kv}).last_hidden_state
-            # the cached tokens' final hidden states first: storing this call's new tokens may wrap the ring onto
-            # their slots (their keys and values were read layer by layer, before)
-            states = self.cache.hidden_states(reuse, hidden)
-            if hidden is not None:
-                self.cache.store(reuse, kv, hidden)
+            states = self.cache.finish(reuse, kv, hidden)
         except BaseException:
             self.cache.clear()  # its entries for this call name slots that were not written
             raise
