@@ -1,0 +1,164 @@
+"""One rank's parts, built in named phases: load the scorer, build the engine, and on rank 0 the leader, the
+service and its front doors (Triton, OpenRLHF); then serve until shutdown. cli.py is the entry point."""
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+from . import distributed as d
+from . import faults, lifecycle
+from .config import ServeConfig
+from .engine import Engine, Leader, ShuttingDown, run_subscriber
+from .inputs import RequestDecoder, SequenceRules
+from .metrics import Metrics
+from .openrlhf import EOS_MODES, OpenRLHFEndpoint
+from .checkpoint import StartupError
+from .model import load_scalar_scorer, needs_warm_up
+from .prm import StepDecoder, StepOutputs, load_step_scorer
+from .scoring.affinity import ReplicaAffinity
+from .scoring.scorer import warm_up
+from .watchdog import Watchdog
+from .server import (ACCESS_HEADER, AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
+                     resolve_inference_token, start_triton)
+
+log = logging.getLogger("reward_server")
+
+AUTO_QUEUED_FORWARDS = 32  # batching.max_queued_tokens=null: this many forwards' token budgets
+STUB_HANDOFF_S = 1.0  # while draining: more than Triton ever takes to hand a dequeued batch to its Python stub
+DRAIN_POLL_S = 0.05  # while draining: how often to look whether every accepted request was answered
+
+
+def exit_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own; if torchrun itself is killed (SIGKILL, OOM killer)
+    its ranks would live on as orphans. Ask Linux to send SIGTERM when the parent dies, which drains and exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def serve(cfg: ServeConfig) -> int:
+    """Run one rank until shutdown; returns the process exit code."""
+    exit_with_launcher()
+    started = time.monotonic()
+    if cfg.reward.kind not in ("scalar", "prm"):
+        raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
+    if cfg.server.openrlhf_eos not in EOS_MODES:
+        raise ValueError(f"server.openrlhf_eos={cfg.server.openrlhf_eos!r}: expected one of {EOS_MODES}")
+    prm = cfg.reward.kind == "prm"
+    topo = d.init_distributed(cfg.parallel)
+    inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
+    try:
+        if prm:
+            scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching, topo)
+        else:
+            scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
+    except StartupError as exc:  # what to change, in one line; every rank finds the same
+        if topo.is_leader:
+            log.error("cannot start: %s", exc)
+        return 2
+    attn = model_config._attn_implementation
+    if cfg.batching.warmup if cfg.batching.warmup is not None else needs_warm_up(cfg.model, topo, attn):
+        start = time.monotonic()
+        warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward)
+        if topo.is_leader:
+            log.info("warm-up done in %.1f s", time.monotonic() - start)
+    elif topo.is_leader:
+        log.info("warm-up skipped: nothing to compile on the %s with %s attention (batching.warmup=true runs it)",
+                 topo.device.type, attn)
+    layout = scorer.layout
+    if topo.is_leader:
+        log.info("layout %s%s, forwards of up to %d tokens computed per replica", layout.kind,
+                 " with prefix sharing" if layout.sharing else "", cfg.batching.max_tokens_per_forward)
+    affinity = None
+    if cfg.batching.replica_affinity and topo.dp_size > 1 and scorer.cache is not None:
+        affinity = ReplicaAffinity(topo.dp_size, scorer.cache.capacity, layout.min_shared)
+    if faults.enabled(cfg.fault_injection):
+        scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
+    engine = Engine(scorer, topo, layout, affinity)
+    peers = d.peer_processes()
+    if not topo.is_leader:
+        # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        run_subscriber(engine)
+        d.say_goodbye()
+        d.shutdown()
+        log.info("rank %d exited cleanly", topo.rank)
+        return 0
+
+    max_length = cfg.model.max_length or model_config.max_position_embeddings
+    row_bytes = cfg.server.max_row_bytes or cfg.server.bytes_per_token * max_length
+    request_bytes = cfg.server.max_request_bytes or row_bytes * cfg.batching.max_batch_size
+    rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation, row_bytes, request_bytes)
+    # on the CPU a forward runs to its end inside the launch: overlapping would only delay each answer by a forward
+    overlap = cfg.batching.overlap and topo.device.type == "cuda"
+    budget = cfg.batching.max_tokens_per_forward * topo.dp_size
+    queued = cfg.batching.max_queued_tokens
+    metrics = Metrics()
+    leader = Leader(engine, cfg.parallel.heartbeat_s, budget, overlap, cfg.server.stats_log_s, layout.sharing,
+                    layout.min_shared, AUTO_QUEUED_FORWARDS * budget if queued is None else queued, metrics)
+    metrics.watch_queue(leader)
+    if prm:
+        tag = scorer.readout.tag
+        decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, tag, cfg.reward.max_steps)
+        outputs = StepOutputs(tag, cfg.reward.aggregate)
+    else:
+        decoder = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens)
+        outputs = ScalarOutputs(model_config.num_labels)
+    service = RewardService(leader, decoder, outputs, metrics)
+    watchdog = Watchdog(leader, service, cfg.parallel.timeout_s, peers)
+    watchdog.start()
+    instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
+    with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
+        triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
+    if cfg.server.openrlhf_port:
+        OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
+                         cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER).start()
+    log.info(ready_line(cfg, time.monotonic() - started))
+    draining = threading.Event()
+
+    def drain(signum, _frame):
+        # after the group failed (torchrun then signals the other ranks) it exits at once, and new requests are
+        # refused with the failure's cause, not "shutting down"
+        if draining.is_set() or leader.failed is not None:
+            return
+        draining.set()
+        log.info("signal %d: draining and shutting down", signum)
+
+        def stop():
+            # new requests get 503 at once, while Triton still answers them; those already accepted (with us, or
+            # waiting in Triton's queue) are scored
+            queued = metrics.triton_queued()
+            service.drain(ShuttingDown("the reward server is shutting down; retry"),
+                          {"native": queued.get(cfg.server.model_name, 0),
+                           "nemo": queued.get(cfg.server.nemo_model_name, 0)},
+                          dequeued_before=time.monotonic() + STUB_HANDOFF_S)
+            log.info("draining: %d request(s) waiting in Triton's queue, %d batch(es) at rank 0",
+                     sum(queued.values()), leader.queued_batches)
+            deadline = time.monotonic() + cfg.server.drain_timeout_s
+            while (leader.queued_batches or service.admitting()) and time.monotonic() < deadline:
+                time.sleep(DRAIN_POLL_S)
+            time.sleep(cfg.server.drain_refuse_s)  # clients sending now get a clear 503, not a reset from Triton's stop
+            log.info("drained: requests admitted after the signal: %d on their way from Triton, %d from its queue; "
+                     "%d refused", service.drained["in flight"], service.drained["queued"], service.drained["refused"])
+            triton.stop()  # waits for requests still in flight
+            leader.close()
+        threading.Thread(target=stop, name="shutdown", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    try:
+        leader.run()
+    except BaseException as exc:
+        log.exception("the reward ranks failed; exiting")
+        watchdog.exit_after_failure(exc)  # does not return
+        return 1
+    for watcher in watchdog.peer_watchers:  # the subscribers' goodbyes
+        watcher.join(timeout=cfg.parallel.heartbeat_s)
+    d.shutdown()
+    log.info("rank 0 exited cleanly")
+    return 0
