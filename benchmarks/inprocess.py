@@ -23,7 +23,7 @@ from collections import deque
 
 from reward_server.config import BatchingConfig
 from reward_server.engine import Work, plan_forward
-from reward_server.model import compile_layers
+from reward_server.loading.model import compile_layers
 from reward_server.scoring.readout import LastToken
 from reward_server.scoring.scorer import build_scorer
 from workload import make

@@ -60,7 +60,7 @@ def main():
     p.add_argument("--fitted-label", action="store_true",
                    help="seqcls: a second label whose head is the first principal direction of the final hidden states")
     a = p.parse_args()
-    from reward_server.default_model import _train_tokenizer
+    from reward_server.loading.default_model import _train_tokenizer
 
     tok = _train_tokenizer(512)
     config = LlamaConfig(**SHAPES[a.shape], num_labels=2 if a.fitted_label else 1, pad_token_id=tok.pad_token_id,

@@ -15,7 +15,7 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 from transformers import AutoModelForSequenceClassification
 
-from reward_server.server import ensure_python_library_path
+from reward_server.serving.triton import ensure_python_library_path
 
 
 def main():

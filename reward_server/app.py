@@ -8,20 +8,22 @@ import threading
 import time
 
 from . import distributed as d
-from . import faults, lifecycle
+from . import faults
 from .config import ServeConfig
 from .engine import Engine, Leader, ShuttingDown, run_subscriber
-from .inputs import RequestDecoder, SequenceRules
-from .metrics import Metrics
-from .openrlhf import EOS_MODES, OpenRLHFEndpoint
-from .checkpoint import StartupError
-from .model import load_scalar_scorer, needs_warm_up
-from .prm import StepDecoder, StepOutputs, load_step_scorer
+from .kinds import kind_of
+from .loading.checkpoint import StartupError
+from .loading.model import needs_warm_up
 from .scoring.affinity import ReplicaAffinity
 from .scoring.scorer import warm_up
-from .watchdog import Watchdog
-from .server import (ACCESS_HEADER, AUTO_INSTANCES, RewardService, ScalarOutputs, ready_line, resolve_access_token,
-                     resolve_inference_token, start_triton)
+from .serving import lifecycle
+from .serving.inputs import SequenceRules
+from .serving.metrics import Metrics
+from .serving.openrlhf import EOS_MODES, OpenRLHFEndpoint
+from .serving.service import RewardService
+from .serving.triton import (ACCESS_HEADER, AUTO_INSTANCES, ready_line, resolve_access_token, resolve_inference_token,
+                             start_triton)
+from .serving.watchdog import Watchdog
 
 log = logging.getLogger("reward_server")
 
@@ -44,18 +46,13 @@ def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
     exit_with_launcher()
     started = time.monotonic()
-    if cfg.reward.kind not in ("scalar", "prm"):
-        raise ValueError(f"reward.kind={cfg.reward.kind!r}: expected scalar or prm")
+    kind = kind_of(cfg.reward.kind)
     if cfg.server.openrlhf_eos not in EOS_MODES:
         raise ValueError(f"server.openrlhf_eos={cfg.server.openrlhf_eos!r}: expected one of {EOS_MODES}")
-    prm = cfg.reward.kind == "prm"
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
     try:
-        if prm:
-            scorer, tokenizer, model_config = load_step_scorer(cfg.model, cfg.reward, cfg.batching, topo)
-        else:
-            scorer, tokenizer, model_config = load_scalar_scorer(cfg.model, cfg.batching, topo)
+        scorer, tokenizer, model_config = kind.load(cfg, topo)
     except StartupError as exc:  # what to change, in one line; every rank finds the same
         if topo.is_leader:
             log.error("cannot start: %s", exc)
@@ -102,14 +99,8 @@ def serve(cfg: ServeConfig) -> int:
     leader = Leader(engine, cfg.parallel.heartbeat_s, budget, overlap, cfg.server.stats_log_s, layout.sharing,
                     layout.min_shared, AUTO_QUEUED_FORWARDS * budget if queued is None else queued, metrics)
     metrics.watch_queue(leader)
-    if prm:
-        tag = scorer.readout.tag
-        decoder = StepDecoder(tokenizer, rules, cfg.model.add_special_tokens, tag, cfg.reward.max_steps)
-        outputs = StepOutputs(tag, cfg.reward.aggregate)
-    else:
-        decoder = RequestDecoder(tokenizer, rules, cfg.model.add_special_tokens)
-        outputs = ScalarOutputs(model_config.num_labels)
-    service = RewardService(leader, decoder, outputs, metrics)
+    service = RewardService(leader, kind.decoder(cfg, scorer, tokenizer, rules), kind.outputs(cfg, scorer, model_config),
+                            metrics)
     watchdog = Watchdog(leader, service, cfg.parallel.timeout_s, peers)
     watchdog.start()
     instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
@@ -133,18 +124,18 @@ def serve(cfg: ServeConfig) -> int:
             # new requests get 503 at once, while Triton still answers them; those already accepted (with us, or
             # waiting in Triton's queue) are scored
             queued = metrics.triton_queued()
-            service.drain(ShuttingDown("the reward server is shutting down; retry"),
+            service.admission.drain(ShuttingDown("the reward server is shutting down; retry"),
                           {"native": queued.get(cfg.server.model_name, 0),
                            "nemo": queued.get(cfg.server.nemo_model_name, 0)},
                           dequeued_before=time.monotonic() + STUB_HANDOFF_S)
             log.info("draining: %d request(s) waiting in Triton's queue, %d batch(es) at rank 0",
                      sum(queued.values()), leader.queued_batches)
             deadline = time.monotonic() + cfg.server.drain_timeout_s
-            while (leader.queued_batches or service.admitting()) and time.monotonic() < deadline:
+            while (leader.queued_batches or service.admission.admitting()) and time.monotonic() < deadline:
                 time.sleep(DRAIN_POLL_S)
             time.sleep(cfg.server.drain_refuse_s)  # clients sending now get a clear 503, not a reset from Triton's stop
             log.info("drained: requests admitted after the signal: %d on their way from Triton, %d from its queue; "
-                     "%d refused", service.drained["in flight"], service.drained["queued"], service.drained["refused"])
+                     "%d refused", service.admission.drained["in flight"], service.admission.drained["queued"], service.admission.drained["refused"])
             triton.stop()  # waits for requests still in flight
             leader.close()
         threading.Thread(target=stop, name="shutdown", daemon=True).start()

@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 def build_tokenizer(vocab_size: int = 512):
-    from reward_server.default_model import _train_tokenizer
+    from reward_server.loading.default_model import _train_tokenizer
 
     return _train_tokenizer(vocab_size)
 

@@ -15,7 +15,7 @@ import torch
 from reward_server import distributed as d
 from reward_server.config import BatchingConfig, ModelConfig, ParallelConfig
 from reward_server.engine import FAILED, FAULTED, Engine
-from reward_server.model import load_scalar_scorer
+from reward_server.kinds.scalar import load_scalar_scorer
 
 LAYOUTS = {"packed": BatchingConfig(layout="packed", prefix_sharing=True),
            "padded": BatchingConfig(layout="padded", prefix_sharing=False)}

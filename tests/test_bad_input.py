@@ -331,7 +331,8 @@ def test_huge_bodies_are_refused_at_once_and_leave_no_memory_behind(server):
 
 def test_truncation_keeps_the_end_or_the_start():
     from conftest import build_tokenizer
-    from reward_server.inputs import InputError, RequestDecoder, SequenceRules
+    from reward_server.protocol import InputError
+    from reward_server.serving.inputs import RequestDecoder, SequenceRules
 
     ids = np.arange(10, 20)
     for truncation, kept in ("left", ids[-4:]), ("right", ids[:4]):

@@ -243,8 +243,6 @@ def test_imports_without_torch_and_an_unclosed_client_does_not_hold_exit():
 
 
 def test_process_reward_model_step_rewards_through_the_client(start_server, tmp_path):
-    """Runs once the PRM feature (reward_server/prm.py, tests/test_prm.py) is on the branch."""
-    pytest.importorskip("reward_server.prm", reason="process reward models are not on this branch")
     prm = pytest.importorskip("test_prm")
     ckpt = prm.save_checkpoint(tmp_path / "shepherd", "MistralForCausalLM", seed=3)
     srv = start_server(2, ["reward=math_shepherd", f"model.path={ckpt}", "parallel.tensor_parallel_size=2",

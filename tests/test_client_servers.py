@@ -14,9 +14,9 @@ import pytest
 
 from conftest import Server, reference_rewards
 from reward_server.client import RemoteGPTRMClient
-from reward_server.client_errors import RewardServerUnavailable
-from reward_server.client_http import Retry
-from reward_server.client_servers import ServerPool
+from reward_server.client.errors import RewardServerUnavailable
+from reward_server.client.http import Retry
+from reward_server.client.pool import ServerPool
 
 pytestmark = pytest.mark.timeout(600)
 

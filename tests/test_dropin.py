@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 from conftest import REPO, free_port, reference_rewards
 from procs import running_server
 from reward_server.client import RemoteGPTRMClient
-from reward_server.openrlhf import BadRequest, OpenRLHFEndpoint, openrlhf_text, parse
-from reward_server.statuses import Unavailable, failure
+from reward_server.serving.openrlhf import BadRequest, OpenRLHFEndpoint, openrlhf_text, parse
+from reward_server.protocol import Unavailable
+from reward_server.serving.statuses import failure
 
 pytestmark = pytest.mark.timeout(600)
 

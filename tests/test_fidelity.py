@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from conftest import FAMILIES, REPO, build_tokenizer, free_port, reference_rewards, save_seqcls_checkpoint
-from reward_server.checkpoint import StartupError, model_class_for, read_chat_template, resolve_attn
+from reward_server.loading.checkpoint import StartupError, model_class_for, read_chat_template, resolve_attn
 from reward_server.config import BatchingConfig, ModelConfig
 from reward_server.distributed import Topology
-from reward_server.inputs import InputError, RequestDecoder, SequenceRules
-from reward_server.model import load_scalar_scorer
+from reward_server.protocol import InputError
+from reward_server.serving.inputs import RequestDecoder, SequenceRules
+from reward_server.kinds.scalar import load_scalar_scorer
 from test_scoring import scalar_scorer, sharing_cases
 
 ONE_RANK = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))

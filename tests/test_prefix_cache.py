@@ -163,7 +163,7 @@ def test_flex_attention_masks_compile_nothing_after_the_warm_up(llama_ckpt):
 def test_a_negative_capacity_is_refused_in_one_line(llama_ckpt):
     from transformers import AutoModelForSequenceClassification
 
-    from reward_server.checkpoint import StartupError
+    from reward_server.loading.checkpoint import StartupError
 
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
     with pytest.raises(StartupError, match=r"batching.prefix_cache_tokens=-1: expected a number of tokens"):

@@ -159,7 +159,7 @@ class StepTagIds:
     @staticmethod
     def encode(tok, text):
         """The server's tokenization of a PRM text: every tag occurrence is the tag's own id."""
-        from reward_server.prm import StepTag, text_token_ids
+        from reward_server.kinds.steps import StepTag, text_token_ids
 
         return StepTag(text_token_ids(tok, TAG), TAG).encode(tok, text, add_special_tokens=True)
 

@@ -361,7 +361,7 @@ def test_rlhflow_tp2_matches_one_forward_per_prefix(tmp_path_factory):
 # ---------------------------------------------------------------- step tags without a server
 
 def test_step_tag_counts_and_multi_token_tags():
-    from reward_server.prm import StepTag
+    from reward_server.kinds.steps import StepTag
 
     tag = StepTag([7, 8])
     seqs = [np.array([1, 7, 8, 7]), np.array([8, 7, 8, 7, 8]), np.array([7])]
@@ -373,7 +373,7 @@ def test_step_tag_counts_and_multi_token_tags():
 
 
 def test_step_outputs_aggregates_and_padding():
-    from reward_server.prm import StepOutputs, StepTag
+    from reward_server.kinds.steps import StepOutputs, StepTag
 
     tag = StepTag([5])
     seqs = [np.array([1, 5, 2, 5, 5]), np.array([5, 1])]
@@ -388,7 +388,7 @@ def test_step_outputs_aggregates_and_padding():
 
 def test_bad_reward_config_fails_before_loading():
     from reward_server.config import RewardConfig
-    from reward_server.prm import check_config
+    from reward_server.kinds.steps import check_config
 
     for bad, message in [(dict(score="sigmoid"), "score="), (dict(aggregate="max"), "aggregate="),
                          (dict(score="logit"), "exactly one candidate"), (dict(step_tag=""), "needs a step_tag"),

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import save_seqcls_checkpoint
-from reward_server import quantization
-from reward_server.checkpoint import StartupError
+from reward_server.loading import quantization
+from reward_server.loading.checkpoint import StartupError
 from reward_server.config import BatchingConfig, ModelConfig
 from reward_server.distributed import Topology
-from reward_server.model import load_scalar_scorer, resolve_compile
+from reward_server.kinds.scalar import load_scalar_scorer
+from reward_server.loading.model import resolve_compile
 
 CPU = torch.device("cpu")
 

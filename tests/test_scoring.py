@@ -274,7 +274,7 @@ class TinyPRM:
                                for _ in range(n)])
 
     def scorer(self, batching):
-        from reward_server.prm import StepTag
+        from reward_server.kinds.steps import StepTag
 
         weight = self.model.lm_head.weight[[self.good, self.bad]]
         readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([self.tag]))
@@ -310,7 +310,7 @@ def test_compiled_layers_do_not_recompile_after_the_warm_up(llama_ckpt):
 
     from reward_server.config import ModelConfig
     from reward_server.distributed import Topology
-    from reward_server.model import load_pretrained, quantize_and_compile
+    from reward_server.loading.model import load_pretrained, quantize_and_compile
     from reward_server.scoring.scorer import warm_up
 
     topo = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
@@ -341,7 +341,7 @@ def test_prm_load_and_warm_up_compile_once_per_shape_kind(tmp_path):
     from test_prm import save_checkpoint
     from reward_server.config import ModelConfig, RewardConfig
     from reward_server.distributed import Topology
-    from reward_server.prm import load_step_scorer
+    from reward_server.kinds.prm import load_step_scorer
     from reward_server.scoring.scorer import warm_up
 
     ckpt = save_checkpoint(tmp_path, "LlamaForCausalLM", seed=3)

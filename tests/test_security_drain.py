@@ -22,9 +22,9 @@ from pytriton.client import ModelClient
 
 from conftest import reference_rewards
 from procs import running_server
-from reward_server import proxy_status
-from reward_server.server import RewardService
-from reward_server.statuses import Unavailable
+from reward_server.serving import proxy_status
+from reward_server.serving.service import RewardService
+from reward_server.protocol import Unavailable
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -234,17 +234,17 @@ class _Service(RewardService):
 def test_drain_admits_requests_taken_from_the_queue_before_the_signal_and_the_counted_queue_only():
     service = _Service()
     assert service.infer_native([_Request(8.0)]) == [{"ok": True}]  # not draining yet
-    service.drain(Unavailable("shutting down"), {"native": 2, "nemo": 1}, dequeued_before=10.0)
+    service.admission.drain(Unavailable("shutting down"), {"native": 2, "nemo": 1}, dequeued_before=10.0)
     before = [_Request(dequeued=9.0), _Request(dequeued=9.5)]  # left Triton's queue before: still on their way
     queued = [_Request(dequeued=11.0), _Request(dequeued=11.2)]  # in Triton's queue at the signal (counted)
     after = [_Request(dequeued=12.0), _Request()]  # sent after the signal (the second without a stamp)
     answers = service.infer_native([before[0], queued[0]]) + service.infer_native([queued[1], before[1], after[0]])
     answers += service.infer_native([after[1]])
     assert [a == {"ok": True} for a in answers] == [True, True, True, True, False, False], answers
-    assert service.admitting()  # one counted request of the NeMo model still to come
+    assert service.admission.admitting()  # one counted request of the NeMo model still to come
     assert service.infer_nemo([_Request(13.0), _Request(13.1)])[0] == {"ok": True}
-    assert not service.admitting()
-    service._admit["native"] = 5  # even with Triton requests still to come: OpenRLHF's never queue in Triton
+    assert not service.admission.admitting()
+    service.admission._admit["native"] = 5  # even with Triton requests still to come: OpenRLHF's never queue in Triton
     assert bytes(service.infer_openrlhf([{"text": None}])[0][proxy_status.STATUS][0]) == b"UNAVAILABLE"
     refusal = answers[-1]
     assert bytes(refusal[proxy_status.STATUS][0]) == b"UNAVAILABLE"

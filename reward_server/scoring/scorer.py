@@ -12,7 +12,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from .. import distributed as d
-from ..checkpoint import StartupError
+from ..loading.checkpoint import StartupError
 from ..config import BatchingConfig
 from .layout import Layout
 from .masks import TreeMasks, flex_block_size

@@ -20,192 +20,19 @@ its own shard (docs/client.md).
 import asyncio
 import json
 import os
-import queue
 import threading
 import weakref
-from concurrent.futures import Future, InvalidStateError
-from concurrent.futures import TimeoutError as FutureTimeout
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from .client_errors import (RewardCancelled, RewardInputError, RewardServerError, RewardServerUnavailable,
-                            RewardTimeout, input_error, server_reason)
-from .client_http import HttpTransport
-from .client_servers import ServerPool
-from .client_wire import Scores, encode_batch, error_text, parse_response, request_body
+from .errors import RewardCancelled, RewardServerError, input_error, server_reason
+from .futures import RewardFuture, _Workers
+from .http import HttpTransport
+from .pool import ServerPool
+from .wire import encode_batch, error_text, parse_response, request_body
 
-__all__ = ["RemoteGPTRMClient", "RewardFuture", "Scores", "RewardServerError", "RewardInputError",
-           "RewardServerUnavailable", "RewardTimeout", "RewardCancelled", "encode_batch"]
-
-
-# ---------------------------------------------------------------------------------------------------- futures
-
-
-class RewardFuture:
-    """A batch being scored. `result()` waits for the rewards; `future` is a concurrent.futures.Future of
-    `Scores` (use `asyncio.wrap_future(handle.future)` in asyncio code)."""
-
-    def __init__(self, n: int, as_torch: bool, mean, std):
-        self.future: Future = Future()
-        self._n, self._as_torch, self._mean, self._std = n, as_torch, mean, std
-        self._lock = threading.Lock()
-        self._parts: List[Tuple[int, Future]] = []
-        self._job: Optional[Future] = None  # the dispatch job that splits the batch into requests
-        self._remaining = 0
-        self.future.add_done_callback(self._on_done)  # a cancelled (or failed) call drops what is not sent
-
-    def result(self, timeout: Optional[float] = None):
-        """Rewards [batch, num_labels] (numpy float32, or torch if the batch was torch), in input order."""
-        return self._wait(timeout).rewards
-
-    def scores(self, timeout: Optional[float] = None) -> Scores:
-        return self._wait(timeout)
-
-    def cancel(self) -> bool:
-        """Cancel the call: its requests not sent yet are dropped (those in flight finish on the server)."""
-        return self.future.cancel()
-
-    def cancelled(self) -> bool:
-        return self.future.cancelled()
-
-    def _wait(self, timeout: Optional[float]) -> Scores:
-        try:
-            return self.future.result(timeout)
-        except FutureTimeout:
-            if self.future.done():  # the call's own failure (RewardTimeout is a TimeoutError too)
-                raise
-            raise RewardTimeout(f"the rewards of {self._n} sequences were not ready within {timeout:g}s "
-                                f"(result(timeout=...)); the call goes on, cancel() drops it") from None
-
-    def step_rewards(self, timeout: Optional[float] = None) -> list:
-        """A process reward model's per-step scores: one 1-D array per sequence."""
-        steps = self._wait(timeout).step_rewards
-        if steps is None:
-            raise RewardServerError("the server's model returned no step_rewards (it is not a process reward model)")
-        return steps
-
-    def done(self) -> bool:
-        return self.future.done()
-
-    def exception(self, timeout: Optional[float] = None):
-        return self.future.exception(timeout)
-
-    # called by the client's worker threads
-
-    def _track(self, parts: List[Tuple[int, Future]]) -> None:
-        with self._lock:
-            self._parts, self._remaining = parts, len(parts)
-        if self.future.done():  # cancelled while the batch was being split
-            self._on_done(self.future)
-        for _, part in parts:
-            part.add_done_callback(self._on_part)
-
-    def _on_done(self, future: Future) -> None:
-        if future.cancelled() or future.exception() is not None:
-            with self._lock:
-                parts = list(self._parts)
-            for _, part in parts:
-                part.cancel()
-            if self._job is not None:
-                self._job.cancel()
-
-    def _on_part(self, part: Future) -> None:
-        if part.cancelled():
-            return self._fail(RewardCancelled("cancelled: the client was closed"))
-        if part.exception() is not None:
-            return self._fail(part.exception())
-        with self._lock:
-            self._remaining -= 1
-            if self._remaining:
-                return
-        try:
-            self._finish()
-        except BaseException as exc:
-            self._fail(exc)
-
-    def _fail(self, exc: BaseException) -> None:
-        """The first failure fails the batch; requests of it not yet sent are dropped (`_on_done`)."""
-        try:
-            self.future.set_exception(exc)
-        except InvalidStateError:
-            return
-
-    def _finish(self) -> None:
-        parts = [part.result() for _, part in sorted(self._parts, key=lambda p: p[0])]
-        rewards = np.concatenate([p[0] for p in parts])
-        if self._mean is not None:
-            rewards = rewards - self._mean
-        if self._std is not None:
-            rewards = rewards / self._std
-        rewards = rewards.astype(np.float32, copy=False)
-        steps = None
-        if all(p[1] is not None for p in parts):
-            steps = [row for p in parts for row in p[1]]
-        if self._as_torch:
-            import torch
-
-            rewards = torch.from_numpy(rewards)
-            steps = None if steps is None else [torch.from_numpy(s) for s in steps]
-        try:
-            self.future.set_result(Scores(rewards, steps))
-        except InvalidStateError:
-            pass
-
-
-# ---------------------------------------------------------------------------------------------------- workers
-
-
-class _Workers:
-    """A fixed set of daemon threads running jobs from a queue: unlike ThreadPoolExecutor's, a client that is
-    never closed cannot hold up the interpreter's exit while a request hangs."""
-
-    def __init__(self, n: int, name: str):
-        self._jobs: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(n)]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the client is closed")
-            self._jobs.put((fut, fn, args))
-        return fut
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fut, fn, args = job
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as exc:
-                    fut.set_exception(exc)
-
-    def shutdown(self) -> None:
-        """Cancel the jobs not started; each thread exits after its current job."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            while True:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job[0].cancel()
-            for _ in self._threads:
-                self._jobs.put(None)
-
-    def join(self) -> None:
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join()
 
 
 # ---------------------------------------------------------------------------------------------------- client

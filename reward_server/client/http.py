@@ -18,8 +18,8 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
-from .client_errors import RewardCancelled, RewardServerUnavailable, RewardTimeout, server_reason
-from .client_wire import error_text
+from .errors import RewardCancelled, RewardServerUnavailable, RewardTimeout, server_reason
+from .wire import error_text
 
 
 class Retry(Exception):

@@ -1,4 +1,4 @@
-"""Load a Hugging Face reward model (optionally tensor-parallel, quantized, compiled) and make its scorer."""
+"""Load a Hugging Face model on every rank (optionally tensor-parallel, quantized, compiled); kinds/ make scorers of it."""
 
 import logging
 import time
@@ -6,14 +6,12 @@ from typing import List
 
 import torch
 
-from .checkpoint import check_remote_code, check_score_head, load_tokenizer, model_class_for, resolve_attn
-from .config import BatchingConfig, ModelConfig
+from .checkpoint import check_remote_code, model_class_for, resolve_attn
+from ..config import ModelConfig
 from .default_model import default_model_path
-from . import distributed as d
+from .. import distributed as d
 from . import quantization
-from .distributed import Topology
-from .scoring.readout import POOLINGS, LastToken
-from .scoring.scorer import build_scorer
+from ..distributed import Topology
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +156,3 @@ def pad_token_id(model, tokenizer) -> int:
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return pad
-
-
-def load_scalar_scorer(cfg: ModelConfig, batching: BatchingConfig, topo: Topology):
-    """A sequence-classification model's scorer: its head at each sequence's pooled token (model.pooling:
-    transformers' rule, the last token that is not the pad token, by default; or the true last token)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model, path = load_pretrained(AutoModelForSequenceClassification, cfg, topo)
-    check_score_head(model)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code, cfg.chat_template)
-    quantize_and_compile(model, cfg, topo)
-    if cfg.pooling not in POOLINGS:
-        raise ValueError(f"model.pooling={cfg.pooling!r}: expected one of {POOLINGS}")
-    pad = model.config.pad_token_id if cfg.pooling == "last_non_pad" else None
-    readout = LastToken(plain_head(model.score), model.config.num_labels, pad)
-    scorer = build_scorer(model, readout, batching, pad_token_id(model, tokenizer), topo.device)
-    return scorer, tokenizer, model.config

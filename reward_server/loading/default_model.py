@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 
-from .config import DefaultModelConfig
+from ..config import DefaultModelConfig
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
 CHAT_TEMPLATE = (

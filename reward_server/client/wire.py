@@ -10,7 +10,7 @@ import numpy as np
 from tritonclient.http import InferenceServerClient as _Codec
 from tritonclient.http import InferInput
 
-from .client_errors import RewardServerError, input_error
+from .errors import RewardServerError, input_error
 
 
 @dataclass

@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
-from .client_errors import RewardCancelled, RewardServerUnavailable
-from .client_http import HttpTransport, Retry
+from .errors import RewardCancelled, RewardServerUnavailable
+from .http import HttpTransport, Retry
 
 
 class _Server:

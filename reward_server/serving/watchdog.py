@@ -21,8 +21,8 @@ import threading
 import time
 from typing import Dict
 
-from . import distributed as d
-from .engine import RanksFailed
+from .. import distributed as d
+from ..engine import RanksFailed
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Watchdog:
             return
         log.error("%s: failing every request and exiting, so that torchrun restarts the group", reason)
         failure = RanksFailed(f"reward ranks failed: {reason}; the server restarts")
-        self.service.refusing = failure
+        self.service.admission.refusing = failure
         self.leader.abort(failure)
         time.sleep(ANSWER_GRACE_S)
         # the other ranks on this host: a hung or stopped one ignores torchrun's SIGTERM, and none is of use now

@@ -16,13 +16,10 @@ from typing import List, Optional, Union
 
 import numpy as np
 
-NATIVE_INPUTS = ("text", "messages", "token_ids")
+from ..protocol import NATIVE_INPUTS, InputError
+
 _ID_SEPARATORS = bytes.maketrans(b",[]", b"   ")
 MAX_REASON_CHARS = 300  # a reason quoted from a library (a chat template's own error) is cut here
-
-
-class InputError(ValueError):
-    """A request or a row that cannot be scored; the message names the row."""
 
 
 Row = Union[np.ndarray, InputError]  # a checked sequence, or why that row cannot be scored

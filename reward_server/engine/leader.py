@@ -1,10 +1,6 @@
-"""The distributed engine: rank 0 leads, ranks 1..N-1 follow, all run the same forward in lock-step.
-
-Rank 0's Triton threads hand checked batches to `Leader.submit`; its main thread runs `Leader.run`, which cuts
-the queued sequences into forwards of a token budget, broadcasts each, joins the forward and completes each
-caller's future once all of its sequences are scored. Subscribers run
-`run_subscriber` until rank 0 sends SHUTDOWN.
-"""
+"""Rank 0's leader: checked batches from the front doors go into a queue; the main thread serves them in
+forwards of a token budget (plan.py), broadcasts each, runs its own share (step.py) and completes each caller's
+future once all of its sequences are scored."""
 
 import contextlib
 import logging
@@ -18,229 +14,16 @@ from typing import Callable, Deque, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import distributed as d
-from .distributed import Command, Topology
-from .scoring.layout import Layout
-from .scoring.trie import PrefixIndex
-from .statuses import Unavailable
+from .. import distributed as d
+from ..distributed import Command
+from .errors import ForwardError, Overloaded, RankFault, RanksFailed, ShuttingDown
+from .plan import Work, plan_forward
+from .stats import EngineStats
+from .step import COMPUTED, FAILED, FAULTED, REUSED, Engine
 
-log = logging.getLogger(__name__)
-
-
-class ForwardError(RuntimeError):
-    """The forward failed alike for this batch (e.g. a request that slipped past the checks); the group is healthy."""
-
-
-class RankFault(RuntimeError):
-    """A rank cannot go on (out of memory): every rank exits non-zero so that torchrun restarts the group."""
-
-
-class ShuttingDown(Unavailable):
-    """The server is draining and takes no new work."""
-
-
-class Overloaded(Unavailable):
-    """More tokens are queued than batching.max_queued_tokens: retry later."""
-
-
-class RanksFailed(Unavailable):
-    """The ranks' group broke (a rank died, hung or ran out of memory); torchrun restarts the server."""
-
-
-# Errors after which a rank's state cannot be trusted; anything else counts as a bad batch.
-FATAL_ERRORS = (torch.OutOfMemoryError, MemoryError)
-
-
-# Rows after the rewards in a forward's output, summed over the ranks (first column): how many ranks' forward failed
-# (a bad batch), how many hit a fatal error (RankFault), and the tokens all replicas computed and took from their
-# prefix caches.
-FAILED, FAULTED, COMPUTED, REUSED = range(4)
-TALLY_ROWS = REUSED + 1
-
-
-class Engine:
-    """One synchronized forward over all ranks. `layout` splits each forward over the data-parallel replicas
-    (keeping sequences that share a prefix together, and with `affinity` sending them where their prefix is
-    cached); every rank computes the same split from the same ids."""
-
-    def __init__(self, scorer, topo: Topology, layout: Optional[Layout] = None, affinity=None):
-        self.scorer = scorer
-        self.topo = topo
-        self.layout = layout or Layout("packed", 1, 0, sharing=False)
-        self.affinity = affinity  # scoring.affinity.ReplicaAffinity, or None
-
-    def forward(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        """`seqs` on the CPU. Returns [n + TALLY_ROWS, width] on rank 0: rewards, then the tally rows above."""
-        n = len(seqs)
-        out = torch.zeros(n + TALLY_ROWS, self.scorer.output_width(seqs), dtype=torch.float32,
-                          device=self.topo.device)
-        shares = self.layout.replica_shares([s.numpy() for s in seqs], self.topo.dp_size, self.affinity)
-        mine = shares[self.topo.dp_rank]
-        computed, reused = self.scorer.computed_tokens, self.scorer.reused_tokens
-        fault = None
-        try:
-            if mine:
-                values = self.scorer([seqs[i] for i in mine])
-                if self.topo.tp_rank == 0:  # a share may need fewer columns than the batch (steps per row)
-                    out[d.to_device(torch.tensor(mine), out.device), : values.shape[1]] = values
-        except FATAL_ERRORS as exc:
-            log.exception("rank %d: fatal error in the forward; the group will exit so that torchrun restarts it",
-                          self.topo.rank)
-            if self.topo.tp_size > 1:  # the other ranks may wait inside the forward's own collectives: leave now
-                raise RankFault(f"rank {self.topo.rank}: {exc}") from exc
-            fault = exc
-            out[n + FAULTED, 0] = 1.0
-        except Exception:
-            log.exception("rank %d: forward failed", self.topo.rank)
-            out[n + FAILED, 0] = 1.0
-        if self.topo.tp_rank == 0:  # one rank per replica counts its tokens
-            out[n + COMPUTED, 0] = float(self.scorer.computed_tokens - computed)
-            out[n + REUSED, 0] = float(self.scorer.reused_tokens - reused)
-        out = d.reduce_to_leader(out)
-        if fault is not None:  # rank 0 now knows; leave the group
-            raise RankFault(f"rank {self.topo.rank}: {fault}") from fault
-        return out
-
+log = logging.getLogger("reward_server.engine")
 
 _STOP = object()
-
-
-class Work:
-    """One submitted batch: its sequences, its caller's future, and the rows scored so far. Its sequences may be
-    spread over several forwards, and a forward may hold sequences of several works."""
-
-    def __init__(self, seqs: List[torch.Tensor], fut: Future, alone: bool):
-        self.seqs = seqs
-        self.fut = fut
-        self.alone = alone  # only this work's sequences in its forwards (a retry that must not meet others)
-        self.n_tokens = sum(len(s) for s in seqs)
-        self.untaken = deque(range(len(seqs)))
-        self.rows: List[Optional[np.ndarray]] = [None] * len(seqs)
-        self.missing = len(seqs)
-
-    def result(self) -> np.ndarray:
-        width = max(len(r) for r in self.rows)  # rows of one work may come from forwards of different widths
-        out = np.zeros((len(self.rows), width), dtype=np.float32)
-        for i, r in enumerate(self.rows):
-            out[i, :len(r)] = r
-        return out
-
-
-def plan_forward(pending: Deque[Work], budget: int, sharing: bool = False, min_shared: int = 32,
-                 cached: Optional[Callable[[np.ndarray], int]] = None) -> Tuple[List[Tuple[Work, int]], int]:
-    """The (work, sequence index) pairs of the next forward, and the tokens it computes: the oldest sequence
-    first, so nothing waits for ever, then any queued sequence that still fits `budget` tokens, oldest works first
-    (first fit). An `alone` work shares its forwards with nobody. A sequence longer than the budget runs on its own.
-
-    With `sharing`, a sequence costs only the tokens it does not share with those already taken (the forward's
-    prefix trie grows by that much), and taking one takes the rest of its group (queued sequences sharing at
-    least `min_shared` leading tokens with it, from any work) while they fit, so that a group sent as separate
-    requests is scored in one forward. `cached(seq)`: how many leading tokens of seq the prefix cache holds; they
-    cost nothing either."""
-    head = next((w for w in pending if w.untaken), None)
-    if head is None:  # every queued sequence is already in a forward
-        return [], 0
-    pool = [(w, i) for w in ([head] if head.alone else pending) if not (w.alone and w is not head)
-            for i in w.untaken]  # oldest first; head's first untaken sequence is pool[0]
-    index = None
-    if sharing:
-        arrays = [w.seqs[i].numpy() for w, i in pool]
-        index = PrefixIndex(arrays, min_shared, [cached(a) for a in arrays] if cached is not None else None)
-    taken = np.zeros(len(pool), dtype=bool)
-    used = 0
-
-    def add(p: int) -> bool:
-        nonlocal used
-        cost = index.cost(p) if index is not None else len(pool[p][0].seqs[pool[p][1]])
-        if used and used + cost > budget:
-            return False
-        taken[p] = True
-        used += cost
-        if index is not None:
-            index.take(p)
-        return True
-
-    for p in range(len(pool)):
-        if used >= budget:
-            break
-        if taken[p] or not add(p) or index is None:
-            continue
-        for q in index.group_of(p):
-            if not taken[q]:
-                add(int(q))
-    picked = [pool[p] for p in np.flatnonzero(taken)]
-    chosen = {}
-    for w, i in picked:
-        chosen.setdefault(id(w), set()).add(i)
-    for w in {id(w): w for w, _ in picked}.values():
-        w.untaken = deque(i for i in w.untaken if i not in chosen[id(w)])
-    return picked, used
-
-
-class EngineStats:
-    """Counts of the leader's forwards, logged every `interval_s` and at exit: how full the forwards were, tokens
-    received and computed (fewer when sequences share prefixes), and the share of the time with a forward in
-    flight (launched and its rewards not yet read back)."""
-
-    def __init__(self, interval_s: float, metrics=None, budget: int = 0, cache=None):
-        self.interval_s = interval_s
-        self.metrics = metrics  # metrics.Metrics, or None
-        self.budget = budget
-        self.cache = cache  # rank 0's scoring.prefix_cache.PrefixCache, or None
-        self.busy_since: Optional[float] = None
-        self._reset(time.monotonic())
-
-    def _reset(self, now: float) -> None:
-        self.since, self.forwards, self.seqs, self.tokens, self.computed, self.busy_s = now, 0, 0, 0, 0, 0.0
-        self.launch_s = self.gpu_s = 0.0  # summed over the forwards (the GPU's: those timed, on CUDA)
-        self.gpu_timed = 0
-        self.reused = 0
-        if self.busy_since is not None:
-            self.busy_since = now
-
-    def launched(self) -> None:
-        if self.busy_since is None:
-            self.busy_since = time.monotonic()
-
-    def finished(self, n_seqs: int, n_tokens: int, n_computed: int, n_reused: int, idle_after: bool,
-                 launch_s: float = 0.0, gpu_s: Optional[float] = None) -> None:
-        """A forward was read back: `n_computed` and `n_reused` tokens summed over the replicas."""
-        if self.metrics is not None and self.cache is not None:
-            self.metrics.reused.inc(n_reused)
-        self.reused += n_reused
-        self.forwards += 1
-        self.seqs += n_seqs
-        self.tokens += n_tokens
-        self.computed += n_computed
-        self.launch_s += launch_s
-        if gpu_s is not None:
-            self.gpu_s += gpu_s
-            self.gpu_timed += 1
-        if self.metrics is not None:
-            self.metrics.forward(n_seqs, n_tokens, n_computed, self.budget)
-        if idle_after and self.busy_since is not None:
-            self.busy_s += time.monotonic() - self.busy_since
-            self.busy_since = None
-        if self.interval_s and time.monotonic() - self.since >= self.interval_s:
-            self.log()
-
-    def log(self) -> None:
-        now = time.monotonic()
-        wall = now - self.since
-        busy = self.busy_s + (now - self.busy_since if self.busy_since is not None else 0.0)
-        if self.forwards:
-            log.info("engine: %d forwards, %d sequences, %d tokens received, %d computed (%.0f per forward, %.2fx "
-                     "shared) in %.1f s: %.0f tokens/s received, %.0f computed, busy %.1f %%", self.forwards,
-                     self.seqs, self.tokens, self.computed, self.computed / self.forwards,
-                     self.tokens / max(1, self.computed), wall, self.tokens / wall, self.computed / wall,
-                     100 * busy / wall)
-            log.info("engine: per forward %.1f ms on rank 0 to plan and launch%s", 1e3 * self.launch_s / self.forwards,
-                     f", {1e3 * self.gpu_s / self.gpu_timed:.1f} ms on the GPU (first kernel to rewards on the host)"
-                     if self.gpu_timed else "")
-            if self.cache is not None:
-                log.info("prefix cache: %d of those tokens taken from earlier forwards instead of computed (all "
-                         "replicas; rank 0's holds %d sequences)", self.reused, len(self.cache))
-        self._reset(now)
 
 
 class InFlight:
@@ -476,13 +259,3 @@ class Leader:
                 return
             if item is not _STOP:
                 fail(item)
-
-
-def run_subscriber(engine: Engine) -> None:
-    """Ranks 1..N-1: follow rank 0's commands until SHUTDOWN."""
-    while True:
-        command, n_seqs, n_tokens = d.recv_header()
-        if command == Command.SHUTDOWN:
-            return
-        if command == Command.FORWARD:
-            engine.forward(d.broadcast_batch(None, n_seqs, n_tokens))

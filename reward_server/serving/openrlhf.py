@@ -27,7 +27,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from . import proxy_status, statuses
+from ..protocol import HTTP_STATUS
+from . import proxy_status
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class OpenRLHFEndpoint:
         failed = proxy_status.status_of(answer)
         if failed is not None:
             code, message = failed
-            return web.json_response({"error": message}, status=statuses.HTTP_STATUS.get(code, 500))
+            return web.json_response({"error": message}, status=HTTP_STATUS.get(code, 500))
         rewards = answer["rewards"]
         values = rewards[:, 0].tolist() if rewards.shape[1] == 1 else rewards.tolist()
         errors = [bytes(e).decode("utf-8", "replace") for e in answer["error"].reshape(-1)]

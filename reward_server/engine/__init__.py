@@ -1,0 +1,12 @@
+"""The distributed engine: rank 0 leads (leader.py, plan.py), every rank runs the same forward in lock-step
+(step.py)."""
+
+from .errors import FATAL_ERRORS, ForwardError, Overloaded, RankFault, RanksFailed, ShuttingDown
+from .leader import InFlight, Leader
+from .plan import Work, plan_forward
+from .stats import EngineStats
+from .step import COMPUTED, FAILED, FAULTED, REUSED, TALLY_ROWS, Engine, run_subscriber
+
+__all__ = ["FATAL_ERRORS", "ForwardError", "Overloaded", "RankFault", "RanksFailed", "ShuttingDown", "InFlight",
+           "Leader", "Work", "plan_forward", "EngineStats", "COMPUTED", "FAILED", "FAULTED", "REUSED", "TALLY_ROWS",
+           "Engine", "run_subscriber"]
