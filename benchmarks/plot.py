@@ -1,8 +1,9 @@
 """Plot tokens/s and latency against concurrency from perf.py's markdown tables (needs matplotlib, which the
 server does not).
 
-    python benchmarks/plot.py docs/results/perf_rlhf.md docs/results/perf_naive.md \
-        --inprocess docs/results/inprocess.json --out docs/performance.png
+    python benchmarks/plot.py docs/results/2026-11-26-baseline-h100/perf_rlhf.md \
+        docs/results/2026-11-26-baseline-h100/perf_naive.md \
+        --inprocess docs/results/2026-11-26-baseline-h100/inprocess.json --out docs/performance.png
 """
 
 import argparse

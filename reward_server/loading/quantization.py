@@ -14,7 +14,7 @@ from .checkpoint import StartupError
 CHOICES = (None, "fp8")
 # FP8 tensor cores: compute capability 8.9 (Ada) and 9.0 (Hopper) and later
 FP8_MIN_CAPABILITY = (8, 9)
-TORCHAO_HINT = "pip install -e '.[fp8]' in the repository, or torchao built for your torch (README, FP8)"
+TORCHAO_HINT = "pip install -e '.[fp8]' in the repository, or torchao built for your torch (docs/performance.md, FP8)"
 # Floor of a token's largest |activation| when its FP8 scale is computed. A token whose activations are all zero
 # (the pad token of a checkpoint whose pad embedding is zero, which fills packed rows) would get scale 0 and NaN,
 # and attention carries a NaN value to every token of its block (0 x NaN); with the floor it quantizes to zeros.
