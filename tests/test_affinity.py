@@ -52,7 +52,7 @@ def test_nothing_recorded_spreads_as_the_size_only_rule_and_records_nothing():
     for _ in range(3):
         assert shares(affinity, seqs) == shares(None, seqs)
     assert all(len(r.held) == 0 for r in affinity.replicas)
-    units = layout()._units(seqs, range(len(seqs)), parts=2)
+    units = layout()._units(seqs, range(len(seqs)), cap=100_000)
     assert ReplicaAffinity(2, CAPACITY, MIN_SHARED).assign(seqs, units) == least_loaded([c for _, c in units], 2)
 
 
@@ -69,10 +69,26 @@ def test_a_group_goes_where_its_prompt_went_unless_that_unbalances_the_replicas(
     second = shares(affinity, later)
     assert sorted(second[where_a]) == [2, 3] and sorted(second[1 - where_a]) == [0, 1], (first, second)
     assert shares(None, later) != second or where_a == 1  # the size-only rule ignores where the prompts are
-    # a group whose cached prompt is smaller than the imbalance it would cause is split after all
-    big = [np.concatenate([prompt_a[:40], ids(rng, 600)]) for _ in range(6)]  # shares only 40 cached tokens
-    split = shares(affinity, big)
+    # a group larger than a replica's forward budget is cut into pieces, spread over the replicas
+    big = [np.concatenate([prompt_a[:40], ids(rng, 600)]) for _ in range(6)]  # 3,640 tokens of trie
+    split = layout(budget=2000).replica_shares(big, 2, affinity)
     assert split[0] and split[1], split
+
+
+def test_a_group_within_a_replicas_budget_stays_on_one_replica_even_alone():
+    """A lone GRPO group (8 responses to a 300-token prompt) on 2 replicas: one replica computes the prompt once,
+    where an even split would compute it on both."""
+    rng = np.random.default_rng(5)
+    prompt = ids(rng, 300)
+    group = [np.concatenate([prompt, ids(rng, int(n))]) for n in rng.integers(60, 90, 8)]
+    for affinity in (None, ReplicaAffinity(2, CAPACITY, MIN_SHARED)):
+        got = layout(budget=16384).replica_shares(group, 2, affinity)
+        assert sorted(len(g) for g in got) == [0, 8], got
+    # beside another group, each stays whole and the two go to different replicas
+    other_prompt = ids(rng, 300)
+    other = [np.concatenate([other_prompt, ids(rng, 70)]) for _ in range(8)]
+    got = layout(budget=16384).replica_shares(group + other, 2, None)
+    assert sorted(sorted(g) for g in got) == [list(range(8)), list(range(8, 16))], got
 
 
 def test_every_rank_computes_the_same_shares():

@@ -79,23 +79,24 @@ class Layout:
         self.min_shared = max(1, min_shared)
         self.pad_multiple = max(1, pad_multiple)
 
-    def _units(self, seqs: Sequence[np.ndarray], idx: Sequence[int], cap: int = 0, parts: int = 1):
-        """Runs of sequences to keep together (in sorted order) with their trie sizes, each at most `cap` tokens
-        (0: a 1/`parts` share of the whole trie); without sharing, each sequence alone."""
+    def _units(self, seqs: Sequence[np.ndarray], idx: Sequence[int], cap: int):
+        """Runs of sequences to keep together (in sorted order) with their trie sizes, each at most `cap` tokens;
+        without sharing, each sequence alone."""
         if not self.sharing:
             return [(np.array([i]), len(seqs[i])) for i in idx]
         order, lcp = trie_order(seqs, idx)
         lengths = np.array([len(seqs[i]) for i in order], dtype=np.int64)
-        cap = cap or max(1, -(-int(lengths.sum() - lcp.sum()) // parts))
         return [(order[a:b], cost) for a, b, cost in units(lengths, lcp, self.min_shared, cap)]
 
     def replica_shares(self, seqs: Sequence[np.ndarray], n_replicas: int, affinity=None) -> List[List[int]]:
         """Sequence indices for each data-parallel replica, about equal in tokens computed; with sharing, a group
-        sharing a prefix goes to one replica (unless it alone is more than a replica's share), and with `affinity`
-        (scoring/affinity.py) preferably to the one whose prefix cache holds its prefix."""
+        sharing a prefix goes to one replica whenever it fits that replica's forward budget (a group larger than
+        that is cut into pieces of at most the budget), and with `affinity` (scoring/affinity.py) preferably to
+        the one whose prefix cache holds its prefix. A group kept whole computes its prefix once: a lone group
+        runs on one replica while the others idle, where splitting it would compute the prefix on each."""
         if n_replicas == 1:
             return [list(range(len(seqs)))]
-        run = self._units(seqs, range(len(seqs)), parts=n_replicas)
+        run = self._units(seqs, range(len(seqs)), cap=self.budget)
         bins = affinity.assign(seqs, run) if affinity is not None else least_loaded([c for _, c in run], n_replicas)
         return [[int(i) for u in b for i in run[u][0]] for b in bins]
 
