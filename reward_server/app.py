@@ -21,8 +21,8 @@ from .serving.inputs import SequenceRules
 from .serving.metrics import Metrics
 from .serving.openrlhf import EOS_MODES, OpenRLHFEndpoint
 from .serving.service import RewardService
-from .serving.triton import (ACCESS_HEADER, AUTO_INSTANCES, ready_line, resolve_access_token, resolve_inference_token,
-                             start_triton)
+from .serving.triton import (ACCESS_HEADER, AUTO_INSTANCES, pick_free_ports, ready_line, resolve_access_token,
+                             resolve_inference_token, start_triton)
 from .serving.watchdog import Watchdog
 
 log = logging.getLogger("reward_server")
@@ -105,8 +105,9 @@ def serve(cfg: ServeConfig) -> int:
     watchdog.start()
     instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
+        pick_free_ports(cfg.server)
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
-    if cfg.server.openrlhf_port:
+    if cfg.server.openrlhf_port is not None:
         OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
                          cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER).start()
     log.info(ready_line(cfg, time.monotonic() - started))

@@ -91,6 +91,17 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+PORTS = ("http_port", "grpc_port", "metrics_port", "openrlhf_port")  # ours that 0 sets to a free port
+
+
+def pick_free_ports(server) -> None:
+    """server.<port>=0: a free port, chosen once at start-up and printed in the ready line (a torchrun restart
+    chooses again). For several servers on one machine; a fixed port is what clients of a long-lived server want."""
+    for name in PORTS:
+        if getattr(server, name) == 0:
+            setattr(server, name, free_port(server.host))
+
+
 def wait_for_ports(host: str, ports: List[int], timeout_s: float) -> None:
     """After a restart the previous server may hold our ports for a moment; wait for them rather than fail."""
     deadline = time.monotonic() + timeout_s
@@ -214,6 +225,6 @@ def ready_line(cfg: ServeConfig, seconds: float) -> str:
     s = cfg.server
     models = " and ".join(f"http://{s.host}:{s.http_port}/v2/models/{m}/infer" for m in (s.model_name, s.nemo_model_name)
                           if m)
-    openrlhf = f"; OpenRLHF http://{s.host}:{s.openrlhf_port}/get_reward" if s.openrlhf_port else ""
+    openrlhf = f"; OpenRLHF http://{s.host}:{s.openrlhf_port}/get_reward" if s.openrlhf_port is not None else ""
     return (f"ready after {seconds:.0f} s: {models}; gRPC {s.host}:{s.grpc_port}; "
             f"metrics http://{s.host}:{s.metrics_port}/metrics{openrlhf}")
