@@ -5,8 +5,8 @@ from .errors import FATAL_ERRORS, ForwardError, Overloaded, RankFault, RanksFail
 from .leader import InFlight, Leader
 from .plan import Work, plan_forward
 from .stats import EngineStats
-from .step import COMPUTED, FAILED, FAULTED, REUSED, TALLY_ROWS, Engine, run_subscriber
+from .step import COMPUTED, FAILED, FAULTED, REUSED, TALLY_ROWS, Engine, ForwardResult, run_subscriber
 
 __all__ = ["FATAL_ERRORS", "ForwardError", "Overloaded", "RankFault", "RanksFailed", "ShuttingDown", "InFlight",
            "Leader", "Work", "plan_forward", "EngineStats", "COMPUTED", "FAILED", "FAULTED", "REUSED", "TALLY_ROWS",
-           "Engine", "run_subscriber"]
+           "Engine", "ForwardResult", "run_subscriber"]

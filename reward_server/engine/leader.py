@@ -19,7 +19,7 @@ from ..distributed import Command
 from .errors import ForwardError, Overloaded, RankFault, RanksFailed, ShuttingDown
 from .plan import Work, plan_forward
 from .stats import EngineStats
-from .step import COMPUTED, FAILED, FAULTED, REUSED, Engine
+from .step import Engine, ForwardResult
 
 log = logging.getLogger("reward_server.engine")
 
@@ -213,24 +213,23 @@ class Leader:
         return InFlight(picked, n_tokens, host, ready, begun, time.monotonic() - planned)
 
     def _finish(self, forward: InFlight, idle_after: bool) -> None:
-        out = forward.wait()
-        self._launches.popleft()
         n = len(forward.picked)
-        tally = out[n:, 0].tolist()
-        self.stats.finished(n, forward.n_tokens, int(tally[COMPUTED]), int(tally[REUSED]), idle_after,
-                            forward.launch_s, forward.gpu_seconds())
-        failed, faulted = int(tally[FAILED]), int(tally[FAULTED])
-        if faulted:
-            raise RankFault(f"{faulted} reward rank(s) hit a fatal error (out of memory?); the server restarts")
+        result = ForwardResult.from_reduced(forward.wait(), n)
+        self._launches.popleft()
+        self.stats.finished(n, forward.n_tokens, result.computed, result.reused, idle_after, forward.launch_s,
+                            forward.gpu_seconds())
+        if result.faulted_ranks:
+            raise RankFault(f"{result.faulted_ranks} reward rank(s) hit a fatal error (out of memory?); the server "
+                            "restarts")
         # a work failed by an earlier forward may still have had sequences in this one: skip it
         works = [w for w in {id(w): w for w, _ in forward.picked}.values() if not w.fut.done()]
-        if failed:  # every work with a sequence in this forward fails; the service retries them one by one
+        if result.failed_ranks:  # every work with a sequence in this forward fails; the service retries them
             for w in works:
                 self._pending.remove(w)
-                w.fut.set_exception(ForwardError(f"the forward failed on {failed} rank(s); see the server log"))
+                w.fut.set_exception(ForwardError(f"the forward failed on {result.failed_ranks} rank(s); see the "
+                                                 "server log"))
             return
-        values = out[:n].numpy()
-        for (w, i), row in zip(forward.picked, values):
+        for (w, i), row in zip(forward.picked, result.rewards):
             w.rows[i] = row
             w.missing -= 1
         for w in works:

@@ -1,10 +1,16 @@
 """One synchronized forward over all ranks: every rank runs `Engine.forward` on the same broadcast batch (its
 data-parallel replica's share), and the rewards are summed onto rank 0. Subscribers (ranks 1..N-1) run
-`run_subscriber` until rank 0 sends SHUTDOWN."""
+`run_subscriber` until rank 0 sends SHUTDOWN.
+
+The rewards and each rank's tally (its forward failed or faulted, tokens computed and reused) travel in one tensor,
+so that a forward costs one collective; this module alone knows that layout: rank 0 reads the summed tensor back as
+a `ForwardResult`."""
 
 import logging
+from dataclasses import dataclass
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from .. import distributed as d
@@ -22,6 +28,24 @@ FAILED, FAULTED, COMPUTED, REUSED = range(4)
 TALLY_ROWS = REUSED + 1
 
 
+@dataclass
+class ForwardResult:
+    """A forward's outcome on rank 0, summed over the ranks."""
+
+    rewards: np.ndarray  # [n, width] float32, one row per sequence of the forward
+    failed_ranks: int  # ranks whose forward failed (a bad batch; the group is healthy)
+    faulted_ranks: int  # ranks that hit a fatal error (RankFault: the group restarts)
+    computed: int  # tokens the replicas computed
+    reused: int  # tokens the replicas took from their prefix caches
+
+    @classmethod
+    def from_reduced(cls, out: torch.Tensor, n: int) -> "ForwardResult":
+        """From `Engine.forward`'s tensor for n sequences, on the host (a view of it: no copy of the rewards)."""
+        tally = out[n:, 0].tolist()
+        return cls(out[:n].numpy(), int(tally[FAILED]), int(tally[FAULTED]), int(tally[COMPUTED]),
+                   int(tally[REUSED]))
+
+
 class Engine:
     """One synchronized forward over all ranks. `layout` splits each forward over the data-parallel replicas
     (keeping sequences that share a prefix together, and with `affinity` sending them where their prefix is
@@ -34,7 +58,8 @@ class Engine:
         self.affinity = affinity  # scoring.affinity.ReplicaAffinity, or None
 
     def forward(self, seqs: List[torch.Tensor]) -> torch.Tensor:
-        """`seqs` on the CPU. Returns [n + TALLY_ROWS, width] on rank 0: rewards, then the tally rows above."""
+        """`seqs` on the CPU. Returns [n + TALLY_ROWS, width] on rank 0 (on its device; read it on the host with
+        `ForwardResult.from_reduced`): rewards, then the tally rows above."""
         n = len(seqs)
         out = torch.zeros(n + TALLY_ROWS, self.scorer.output_width(seqs), dtype=torch.float32,
                           device=self.topo.device)
