@@ -1,9 +1,10 @@
-"""Runs inside Triton's Python backend stub, NOT in the server: reward_server/statuses.py copies this file next
+"""Runs inside Triton's Python backend stub, NOT in the server: serving/triton_patches.py copies this file next
 to PyTriton's proxy model (as reward_status.py) and hooks `with_status` and `guarded` into it.
 
 - with_status: a response dict that carries STATUS (a Triton error code name, e.g. b"INVALID_ARG") and MESSAGE
   becomes Triton's own error response for that one request: its HTTP status / gRPC code follow the code, its
-  text is MESSAGE alone. Every other response is wrapped by PyTriton as usual.
+  text is MESSAGE alone, as statuses.failure wrote it (its error token first: protocol.encode_error). Every other
+  response is wrapped by PyTriton as usual.
 - guarded: the proxy's `execute`, except that a request with an empty input (which PyTriton cannot copy to its
   shared memory) is answered here with INVALID_ARG, and an exception of the proxy itself fails the batch with
   a one-line INTERNAL error (the traceback goes to Triton's log) instead of sending the traceback to clients.
@@ -15,7 +16,8 @@ to PyTriton's proxy model (as reward_status.py) and hooks `with_status` and `gua
   trying for HANDSHAKE_PATIENCE_S.
 - stamped: the proxy's `_wrap_request`; it puts that time in each request's parameters as DEQUEUED, so that a
   draining server knows which requests had left Triton's queue before the signal (server.py, RewardService).
-Keep this file free of imports from reward_server.
+Keep this file free of imports from reward_server: the proxy's own errors write their token (protocol.py's
+format, `[reward_server:CODE] message`) with `_token`; tests/test_protocol.py checks that the two agree.
 """
 
 STATUS = "reward_server_status"
@@ -23,6 +25,11 @@ MESSAGE = "reward_server_message"
 HANDSHAKE_PATIENCE_S = 60.0  # how long a model instance waits for the first instance's configuration socket
 HANDSHAKE_RETRY_S = 0.02
 DEQUEUED = "reward_server_dequeued"  # request parameter: when the stub received the request's batch
+
+
+def _token(code_name: str, message: str) -> str:
+    """protocol.encode_error(code_name, message) for an error of the proxy itself."""
+    return f"[reward_server:{code_name}] {message}"
 
 
 def _error(message: str, code_name: str):
@@ -68,11 +75,12 @@ def guarded(execute):
             refused = {i: why for i, why in ((i, _empty_input(r)) for i, r in enumerate(requests)) if why}
             rest = [r for i, r in enumerate(requests) if i not in refused]
             answers = iter(execute(self, rest) if rest else [])
-            return [_error(refused[i], "INVALID_ARG") if i in refused else next(answers)
+            return [_error(_token("INVALID_ARG", refused[i]), "INVALID_ARG") if i in refused else next(answers)
                     for i in range(len(requests))]
         except Exception:
             pb_utils.Logger.log_error(f"reward-server proxy: a batch failed: {traceback.format_exc()}")
-            return [_error("the server failed this batch (see its log); retry", "INTERNAL") for _ in requests]
+            failed = _token("INTERNAL", "the server failed this batch (see its log); retry")
+            return [_error(failed, "INTERNAL") for _ in requests]
 
     return guarded_execute
 

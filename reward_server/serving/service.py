@@ -17,7 +17,7 @@ from ..engine import ForwardError, Leader
 from ..protocol import ERROR_KINDS, INTERNAL, InputError, Unavailable, code_of
 from .drain import Admission
 from .inputs import RequestDecoder, Row, good
-from .statuses import failure
+from .statuses import failure, row_text
 
 log = logging.getLogger("reward_server.server")
 
@@ -44,7 +44,7 @@ MESSAGE_ROWS = 3  # rows named in the message of a request whose every row faile
 def row_failure(excs: List[BaseException]) -> BaseException:
     """One error for a request none of whose rows could be scored: an input error when every row's is, else a
     server fault (or Unavailable); the message names the first rows."""
-    shown = "; ".join(str(e) for e in excs[:MESSAGE_ROWS])
+    shown = "; ".join(row_text(i, e) for i, e in enumerate(excs[:MESSAGE_ROWS]))  # every row failed: i is its row
     if len(excs) > MESSAGE_ROWS:
         shown += f"; and {len(excs) - MESSAGE_ROWS} more rows"
     if all(isinstance(e, InputError) for e in excs):
@@ -117,7 +117,7 @@ class RewardService:
         at = [i for i, r in enumerate(outcome) if not isinstance(r, BaseException)]
         scored = self.outputs.scored(np.stack([outcome[i] for i in at]), [rows[i] for i in at])
         response = merge_rows(len(rows), at, scored, self.outputs.failed(len(rows)))
-        errors = [str(r).encode() if isinstance(r, BaseException) else b"" for r in outcome]
+        errors = [row_text(i, r).encode() if isinstance(r, BaseException) else b"" for i, r in enumerate(outcome)]
         response["error"] = np.array(errors, dtype=object).reshape(-1, 1)
         return response
 
