@@ -7,11 +7,11 @@
 
 This module schedules: a batch larger than the server's max batch size is split into requests sent concurrently
 by worker threads and put back in order (RewardFuture); a cancelled call drops its requests not yet sent. The
-wire format is client_wire.py (Triton's binary tensors over plain HTTP), the transport to one server
-client_http.py, the choice of server and the retry policy client_servers.py (rides through server restarts for
-up to `restart_budget_s`; with several servers, moves a failed request to another), the exceptions
-client_errors.py.
-A sequence that fails the server's checks is never retried and is reported by its index in the caller's batch.
+wire format is wire.py (Triton's binary tensors over plain HTTP), the transport to one server http.py, the
+choice of server and the retry policy pool.py (rides through server restarts for up to `restart_budget_s`; with
+several servers, moves a failed request to another), the exceptions errors.py.
+A sequence that fails the server's checks is never retried and is reported by its index in the caller's batch;
+what a failure means is read from the error code that the server's text carries (protocol.py), never its wording.
 torch is imported only when the caller passes torch tensors (and then rewards come back as torch tensors).
 Nothing here touches torch.distributed: in a data-parallel actor every rank makes its own client and sends only
 its own shard (docs/client.md).
@@ -27,7 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from .errors import RewardCancelled, RewardServerError, input_error, server_reason
+from .errors import RewardCancelled, RewardServerError, read_failure, request_error
 from .futures import RewardFuture, _Workers
 from .http import HttpTransport
 from .pool import ServerPool
@@ -51,7 +51,7 @@ class RemoteGPTRMClient:
     url               "host:port" or "http://host:port" of the server's HTTP endpoint, or a list of them: several
                       servers of the same model (one per node or replica group); each request goes to the one
                       with the fewest of this client's requests in flight, and a request whose server fails is
-                      sent to another at once (client_servers.py)
+                      sent to another at once (pool.py)
     model_name        the server's native model (`server.model_name`)
     max_batch_size    most sequences per request; None reads the model's max_batch_size from the server once
     concurrency       requests in flight at once (worker threads, one keep-alive connection each)
@@ -133,8 +133,9 @@ class RemoteGPTRMClient:
                 status, body, _, url = self._http.request("GET", f"/v2/models/{quote(self.model_name)}/config",
                                                           what="model config")
                 if status != 200:
+                    failure = read_failure(status, error_text(body))
                     raise RewardServerError(f"{url}: cannot read the config of model {self.model_name!r} "
-                                            f"(HTTP {status}): {error_text(body)}")
+                                            f"(HTTP {status}): {failure.message}", None, failure.message, failure.code)
                 self._max_batch_size = max(1, int(json.loads(body).get("max_batch_size", 0)))
             return self._max_batch_size
 
@@ -175,9 +176,6 @@ class RemoteGPTRMClient:
         body, headers = request_body(name, rows)
         status, data, header_length, url = self._http.request("POST", f"/v2/models/{quote(self.model_name)}/infer",
                                                               body, headers, what=what, cancelled=handle.future.done)
-        if status != 200:
-            cls, message = server_reason(error_text(data))
-            if status == 400 or cls == "InputError":  # 400: every row of the request failed the server's checks
-                raise input_error(message, start, n)
-            raise RewardServerError(f"{url} failed {what} (HTTP {status}): {message}", None, message)
+        if status != 200:  # decided by the answer's error code (UNAVAILABLE was retried by the pool)
+            raise request_error(status, error_text(data), start, n, url, what)
         return parse_response(data, header_length, n, start, what, url)

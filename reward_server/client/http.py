@@ -1,13 +1,14 @@
 """RemoteGPTRMClient's transport to one server: one keep-alive HTTP connection per worker thread (http.client),
 and what each answer means.
 
-What the server's answer or the connection says decides, not its text:
-  the server's state - connection refused / reset / lost (the server restarting, a rank failed, a deploy),
-      HTTP 503 (overloaded, draining, ranks restarting), HTTP 404 for the model while Triton (re)loads it (not
-      ready yet, or ready for less than `model_load_grace_s`): Retry; client_servers.py sends the request again
-      (to another server, or to this one after a backoff) for up to `restart_budget_s`.
-  the caller's input - HTTP 400: returned to the caller, which raises RewardInputError at once.
-  anything else (500: a server fault) - returned; the caller raises RewardServerError.
+What the connection or the server's answer says decides (its error code: errors.read_failure), never its wording:
+  the server's state - no connection (refused, unreachable, timed out connecting) or a lost one (the server
+      restarting, a rank failed, a deploy), an UNAVAILABLE answer (HTTP 503: overloaded, shutting_down,
+      ranks_failed), HTTP 404 for the model while Triton (re)loads it (not ready yet, or ready for less than
+      `model_load_grace_s`): Retry, with its `reason`; pool.py sends the request again (to another server, or
+      to this one after a backoff) for up to `restart_budget_s`.
+  anything else (INVALID_ARG / 400: the caller's input; INTERNAL / 500: a server fault): returned; the caller
+      raises RewardInputError or RewardServerError (errors.request_error).
 A sent request with no answer within `request_timeout_s` raises RewardTimeout (not retried: the server may
 still be working on it); an unknown host raises at once.
 """
@@ -18,12 +19,25 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
-from .errors import RewardCancelled, RewardServerUnavailable, RewardTimeout, server_reason
+from ..protocol import UNAVAILABLE
+from .errors import RewardCancelled, RewardServerUnavailable, RewardTimeout, read_failure
 from .wire import error_text
+
+# Retry reasons of the transport's own (the server's are protocol.REASONS)
+CANNOT_CONNECT = "cannot_connect"  # no connection: refused, unreachable, timed out connecting
+CONNECTION_LOST = "connection_lost"  # reset or closed before the answer
+LOADING = "loading"  # HTTP 404 for the model while the server (re)loads its models
+SERVER_UNAVAILABLE = "unavailable"  # an UNAVAILABLE answer that gives no reason
+TRANSPORT_REASONS = (CANNOT_CONNECT, CONNECTION_LOST, LOADING)
 
 
 class Retry(Exception):
-    """A failure of the server's state, worth another attempt."""
+    """A failure of the server's state, worth another attempt. `reason`: CANNOT_CONNECT (the default),
+    CONNECTION_LOST, LOADING, or an UNAVAILABLE answer's reason (protocol.REASONS, or SERVER_UNAVAILABLE)."""
+
+    def __init__(self, message: str, reason: str = CANNOT_CONNECT):
+        super().__init__(message)
+        self.reason = reason
 
 
 class HttpTransport:
@@ -51,7 +65,7 @@ class HttpTransport:
     def attempt(self, method: str, path: str, body: Optional[bytes], headers: dict,
                 what: str) -> Tuple[int, bytes, Optional[int]]:
         """One try: (HTTP status, body, Inference-Header-Content-Length), or Retry when the server's state is
-        to blame (client_servers.py decides where and when to try again)."""
+        to blame (pool.py decides where and when to try again)."""
         conn = self._connection()
         if conn.sock is None:
             try:
@@ -61,7 +75,7 @@ class HttpTransport:
                 raise RewardServerUnavailable(f"reward server {self.url}: unknown host ({exc})") from None
             except OSError as exc:
                 conn.close()
-                raise Retry(f"cannot connect ({exc})") from None
+                raise Retry(f"cannot connect ({exc})", CANNOT_CONNECT) from None
             conn.sock.settimeout(self.request_timeout_s)
             if self._closed.is_set():  # close() ran while this thread connected
                 conn.close()
@@ -80,13 +94,15 @@ class HttpTransport:
             conn.close()
             if self._closed.is_set():
                 raise RewardCancelled(f"{what}: the client was closed") from None
-            raise Retry(f"connection lost ({exc!r})") from None
+            raise Retry(f"connection lost ({exc!r})", CONNECTION_LOST) from None
         if response.will_close:
             conn.close()
-        if response.status == 503:
-            raise Retry(f"HTTP 503: {server_reason(error_text(data))[1]}")
-        if response.status == 404 and self._loading():  # a model being (re)loaded, not a wrong name
-            raise Retry(f"HTTP 404 while the server loads its models: {server_reason(error_text(data))[1]}")
+        if response.status != 200:
+            failure = read_failure(response.status, error_text(data))
+            if failure.code == UNAVAILABLE:
+                raise Retry(f"HTTP {response.status}: {failure.message}", failure.reason or SERVER_UNAVAILABLE)
+            if response.status == 404 and self._loading():  # a model being (re)loaded, not a wrong name
+                raise Retry(f"HTTP 404 while the server loads its models: {failure.message}", LOADING)
         if response.status != 404:
             self._ready_since = None  # the next 404 starts a new grace
         header_length = response.getheader("Inference-Header-Content-Length")

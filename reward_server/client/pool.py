@@ -2,12 +2,13 @@
 
 Each request goes to the server with the fewest of this client's requests in flight among those not backing off
 (ties: the next in turn). A request whose server fails in a way that says something about the server (refused or
-lost connection, HTTP 503, HTTP 404 while it loads its models: client_http.py) is sent again at once to another
-server; the failed server backs off (retry_backoff_s x 2^k for its k-th failure in a row, capped at
-max_backoff_s, x 1-1.5 jitter) and gets requests again after that. With one server this is the same policy as
+lost connection, an UNAVAILABLE answer (HTTP 503), HTTP 404 while it loads its models: http.py) is sent again
+at once to another server; the failed server backs off (retry_backoff_s x 2^k for its k-th failure in a row,
+capped at max_backoff_s, x 1-1.5 jitter) and gets requests again after that. With one server this is the same policy as
 ever: wait out the backoff, then try it again. Scoring is idempotent, so a request lost with a failed server is
 simply sent again. A request gives up after `restart_budget_s` (or `retries`) with RewardServerUnavailable
-saying what it saw.
+saying what it saw; its hint follows the attempts' Retry reasons (the transport's own, or the server's 503
+reason), never the wording of a message.
 """
 
 import random
@@ -15,8 +16,9 @@ import threading
 import time
 from typing import Callable, List, Optional, Tuple
 
+from ..protocol import OVERLOADED, RANKS_FAILED, SHUTTING_DOWN, UNAVAILABLE
 from .errors import RewardCancelled, RewardServerUnavailable
-from .http import HttpTransport, Retry
+from .http import CANNOT_CONNECT, TRANSPORT_REASONS, HttpTransport, Retry
 
 
 class _Server:
@@ -46,7 +48,7 @@ class ServerPool:
                 what: str, cancelled: Callable[[], bool] = lambda: False) -> Tuple[int, bytes, Optional[int], str]:
         """(HTTP status, body, Inference-Header-Content-Length, the server's url) from the first server that
         answers for itself (200, 400, 404 for a wrong model name, 500)."""
-        started, failures = time.monotonic(), []
+        started, failures, reasons = time.monotonic(), [], []
         while True:
             if self._closed.is_set():
                 raise RewardCancelled(f"{what}: the client was closed")
@@ -60,6 +62,7 @@ class ServerPool:
                     status, data, header_length = server.transport.attempt(method, path, body, headers or {}, what)
                 except Retry as exc:
                     failures.append(f"{server.url}: {exc}" if len(self.servers) > 1 else str(exc))
+                    reasons.append(exc.reason)
                     self._failed(server)
                 else:
                     self._succeeded(server)
@@ -70,7 +73,9 @@ class ServerPool:
             elapsed = time.monotonic() - started
             if failures and ((self.retries is not None and len(failures) > self.retries)
                              or elapsed >= self.restart_budget_s):
-                raise RewardServerUnavailable(self._unavailable(what, failures, elapsed), None, failures[-1])
+                answered = reasons[-1] not in TRANSPORT_REASONS  # the server's own UNAVAILABLE
+                raise RewardServerUnavailable(self._unavailable(what, failures, reasons, elapsed), None, failures[-1],
+                                              UNAVAILABLE if answered else None, reasons[-1])
 
     def _pick(self) -> Tuple[Optional[_Server], float]:
         """The least busy server not backing off (counted in flight), or None and how long until one is due."""
@@ -95,15 +100,18 @@ class ServerPool:
         with self._lock:
             server.failures, server.down_until = 0, 0.0
 
-    def _unavailable(self, what: str, failures: List[str], elapsed: float) -> str:
+    def _unavailable(self, what: str, failures: List[str], reasons: List[str], elapsed: float) -> str:
         last, one = failures[-1], len(self.servers) == 1
-        if all("refused" in f or "cannot connect" in f for f in failures):
+        if all(r == CANNOT_CONNECT for r in reasons):
             hint = ("nothing answered at this host and port: is the server running there?" if one else
                     "nothing answered at any of them: are they running?")
-        elif "shutting down" in last:
+        elif reasons[-1] == SHUTTING_DOWN:
             hint = "the server was shutting down" if one else "the servers were shutting down"
-        elif "overloaded" in last:
+        elif reasons[-1] == OVERLOADED:
             hint = "the server stayed overloaded" if one else "the servers stayed overloaded"
+        elif reasons[-1] == RANKS_FAILED:
+            hint = (f"{'its' if one else 'their'} ranks failed and {'it' if one else 'none'} did not come back "
+                    f"within restart_budget_s={self.restart_budget_s:g}")
         else:
             hint = (f"{'the server did' if one else 'none did'} not come back within "
                     f"restart_budget_s={self.restart_budget_s:g}")

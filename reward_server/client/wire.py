@@ -10,7 +10,8 @@ import numpy as np
 from tritonclient.http import InferenceServerClient as _Codec
 from tritonclient.http import InferInput
 
-from .errors import RewardServerError, input_error
+from ..protocol import parse_error
+from .errors import RewardServerError, rows_error
 
 
 @dataclass
@@ -110,14 +111,15 @@ def request_body(name: str, rows: list) -> Tuple[bytes, dict]:
 
 
 def parse_response(data: bytes, header_length: Optional[int], n: int, start: int, what: str, url: str):
-    """(rewards [n, num_labels], per-step scores or None) from a 200 answer; a row's `error` raises its
-    RewardInputError (the index in the caller's batch: start + row)."""
+    """(rewards [n, num_labels], per-step scores or None) from a 200 answer. Rows with an `error` raise the first
+    one's error (errors.rows_error: by its token's code; its row from the token, else its place in `error`; the
+    index in the caller's batch is start + row)."""
     result = _Codec.parse_response_body(data, header_length=header_length)
     errors = result.as_numpy("error")
     if errors is not None:
-        flagged = [i for i, e in enumerate(errors.reshape(-1)) if e]
-        if flagged:
-            raise input_error(errors.reshape(-1)[flagged[0]].decode("utf-8", "replace"), start, n, flagged)
+        parsed = [(i, parse_error(bytes(e).decode("utf-8", "replace"))) for i, e in enumerate(errors.reshape(-1)) if e]
+        if parsed:
+            raise rows_error([(i if p.row is None else p.row, p) for i, p in parsed], start, n, every=False)
     rewards = result.as_numpy("rewards")
     if rewards is None or rewards.shape[0] != n:
         raise RewardServerError(f"{url} answered {what} without {n} rows of rewards")
@@ -129,6 +131,7 @@ def parse_response(data: bytes, header_length: Optional[int], n: int, start: int
 
 
 def error_text(body: bytes) -> str:
+    """The text of a failed answer: Triton's {"error": text}, or the body itself (a proxy's page)."""
     text = body.decode("utf-8", "replace")
     try:
         return str(json.loads(text).get("error", text))
