@@ -22,5 +22,5 @@ setup(
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "requests"],
                     "fp8": ["torchao>=0.18"]},  # model.quantization=fp8: torchao built for your torch (README)
-    entry_points={"console_scripts": ["reward-server=reward_server.cli:main"]},
+    entry_points={"console_scripts": ["reward-server=reward_server.launcher:main"]},
 )

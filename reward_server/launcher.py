@@ -1,0 +1,91 @@
+"""`reward-server [torchrun options] [overrides]`: check the config, then start the ranks with torchrun.
+
+    reward-server --nproc_per_node 2 model.path=/ckpt/rm parallel.tensor_parallel_size=2
+    reward-server --nproc 8 --max-restarts 3 model.path=/ckpt/rm
+    reward-server --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint host0:29500 model.path=/ckpt/rm
+
+An argument that starts with "-" is torchrun's (`python -m torch.distributed.run --help`), and so is the word after
+an option given without "=" (`--nproc_per_node 2`); `--nproc N` is short for `--nproc_per_node N`. Every other
+argument is an override of the server's config (key=value, docs/configuration.md). The config is checked first,
+with the world size torchrun will start when the options give it (--nnodes x --nproc_per_node): a setting that
+cannot work prints one line `cannot start: <key>=<value>: <what to change>` and exits 2, before torchrun starts
+(so without torchrun's failure report). Then torchrun replaces this process: `python -m torch.distributed.run
+[torchrun options] -m reward_server.cli [overrides]`, whose ranks check the config again (cheap) and serve.
+Without --nproc_per_node torchrun starts one rank.
+"""
+
+import os
+import sys
+from typing import List, Optional, Tuple
+
+ALIASES = {"--nproc": "--nproc_per_node"}
+
+
+def split_args(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(torchrun's arguments, the config overrides)."""
+    torchrun, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            name, eq, value = arg.partition("=")
+            name = ALIASES.get(name, name)
+            torchrun.append(f"{name}{eq}{value}")
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if not eq and nxt is not None and not nxt.startswith(("-", "~", "+")) and "=" not in nxt:
+                torchrun.append(nxt)  # the option's value
+                i += 1
+        else:
+            overrides.append(arg)
+        i += 1
+    return torchrun, overrides
+
+
+def option(torchrun: List[str], *names: str) -> Optional[str]:
+    """The value of a torchrun option (last one wins), in either spelling (--nproc-per-node / --nproc_per_node)."""
+    spellings = {n for name in names for n in (name, name.replace("_", "-"), name.replace("-", "_"))}
+    value = None
+    for i, arg in enumerate(torchrun):
+        name, eq, given = arg.partition("=")
+        if name in spellings:
+            value = given if eq else (torchrun[i + 1] if i + 1 < len(torchrun) else None)
+    return value
+
+
+def world_size(torchrun: List[str]) -> Optional[int]:
+    """--nnodes x --nproc_per_node when both are plain numbers (torchrun's defaults: 1 and 1), else None (an
+    elastic --nnodes MIN:MAX, or --nproc_per_node gpu / auto)."""
+    nnodes, nproc = option(torchrun, "--nnodes") or "1", option(torchrun, "--nproc_per_node") or "1"
+    if nnodes.isdigit() and nproc.isdigit():
+        return int(nnodes) * int(nproc)
+    return None
+
+
+def torchrun_command(argv: List[str]) -> List[str]:
+    torchrun, overrides = split_args(argv)
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun, "-m", "reward_server.cli", *overrides]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        sys.exit(0)
+    from .cli import EXIT_CONFIG, check  # no torch: a bad config fails fast
+
+    torchrun, overrides = split_args(argv)
+    env = dict(os.environ)
+    world = world_size(torchrun)
+    env.pop("RANK", None)
+    env["WORLD_SIZE"] = str(world) if world is not None else ""  # "": unknown here, the ranks check it
+    problem = check(overrides, env)
+    if problem:
+        print(problem, file=sys.stderr, flush=True)
+        sys.exit(EXIT_CONFIG)
+    command = torchrun_command(argv)
+    sys.stdout.flush()
+    os.execv(command[0], command)
+
+
+if __name__ == "__main__":
+    main()
