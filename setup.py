@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Reward model inference server for RLHF: PyTriton on rank 0, torch.distributed model parallelism",
     python_requires=">=3.11",  # subprocess process_group (lifecycle.py)
-    packages=["reward_server", "reward_server.client", "reward_server.engine", "reward_server.kinds", "reward_server.loading",
+    packages=["reward_server", "reward_server.client", "reward_server.config", "reward_server.engine", "reward_server.kinds", "reward_server.loading",
               "reward_server.scoring", "reward_server.serving", "reward_server.conf"],
     package_dir={"reward_server.conf": "conf"},
     package_data={"reward_server.conf": ["*.yaml", "*/*.yaml"]},

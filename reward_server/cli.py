@@ -2,7 +2,7 @@
 reward_server/launcher.py, which checks the config before starting torchrun).
 
 The config is composed with Hydra's compose API (conf/serve_reward_model.yaml, the presets in conf/model/ and
-conf/reward/, the schema in config.py) and checked (config.validate) before anything starts: a setting that cannot
+conf/reward/, the schema in config/schema.py) and checked (config.validate) before anything starts: a setting that cannot
 work is one line `cannot start: <key>=<value>: <what to change>` on stderr (rank 0 only), and exit code 2, with no
 process group, no weights and no torch import. `--cfg job` prints the composed config; `--help` the usage.
 Nothing is written to disk (no outputs/ or .hydra/ directories).

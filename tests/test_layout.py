@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "reward_server"
 MAX_LINES = 300
 
 # The layers, top first: a module may import modules of its own layer or of layers below it, never above.
-LAYERS = ["cli", "app", "check", "kinds", "serving", "engine", "faults", "scoring", "loading", "distributed",
+LAYERS = ["launcher", "cli", "app", "check", "kinds", "serving", "engine", "faults", "scoring", "loading", "distributed",
           "config", "protocol"]
 CLIENT = "client"  # the client stands apart: it may import protocol alone
 
