@@ -13,8 +13,10 @@ from transformers import AutoModelForSequenceClassification
 from conftest import reference_rewards
 from reward_server import distributed as d
 from reward_server.config import ParallelConfig
-from reward_server.engine import FAULTED, Engine, ForwardError, Leader, ShuttingDown, plan_forward, Work
 from reward_server.config import BatchingConfig
+from reward_server.engine import (Engine, ForwardError, ForwardResult, Leader, Overloaded, RanksFailed, Scored,
+                                  ShuttingDown, Work, plan_forward)
+from reward_server.engine.step import FAULTED
 from reward_server.scoring.readout import LastToken
 from reward_server.scoring.scorer import build_scorer
 
@@ -65,6 +67,11 @@ class RecordingScorer:
         return torch.tensor([[float(s.sum()) * 1000 + len(s)] for s in seqs])
 
 
+def fake_rewards(seqs):
+    """RecordingScorer's rewards without `inner`."""
+    return np.array([[float(s.sum()) * 1000 + len(s)] for s in seqs], dtype=np.float32)
+
+
 def serve(leader, submissions):
     """Queue every submission (so the leader sees them together), then run the leader until it has served them."""
     futures = [leader.submit(seqs, alone=alone) for seqs, alone in submissions]
@@ -88,8 +95,7 @@ def test_forwards_fill_the_budget_across_batches_and_rows_go_home(topo):
     batches = random_batches(40, seed=0) + [[torch.randint(4, 500, (budget + 50,))]]  # one over the budget
     futures = serve(leader, [(b, False) for b in batches])
     for seqs, fut in zip(batches, futures):
-        expected = np.array([[float(s.sum()) * 1000 + len(s)] for s in seqs], dtype=np.float32)
-        np.testing.assert_array_equal(fut.result(timeout=1), expected)
+        np.testing.assert_array_equal(fut.result(timeout=1).rewards, fake_rewards(seqs))
     sizes = [sum(len(s) for s in f) for f in scorer.forwards]
     assert all(size <= budget or len(f) == 1 for size, f in zip(sizes, scorer.forwards))
     assert max(sizes) > budget  # the long one ran, alone
@@ -114,22 +120,67 @@ def test_plan_forward_takes_the_oldest_first_and_keeps_alone_works_apart():
     assert {(id(w), i) for w, i in plan_forward(pending, 600)[0]} == {(id(b), 0), (id(b), 1)}
 
 
-def test_a_failed_forward_fails_only_its_works_and_alone_works_are_not_mixed(topo):
+def test_a_failed_forward_fails_only_the_sequence_that_fails_alone(topo):
+    """A forward that fails alike on the ranks (input that slipped past the checks): the leader scores each work of
+    it again in forwards of its own, then each sequence of a work that fails alone, so that only the bad sequence
+    fails (ForwardError in its slot) and every other row is scored; alone works are never mixed with others. The
+    retries happen inside the leader, after close() too (no caller resubmits, nobody is refused)."""
     poison = 3
     scorer = RecordingScorer(poison=poison)
     leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET)
     good = [[torch.randint(4, 500, (50,))]] + random_batches(5, seed=1, max_len=100)
-    bad = [torch.tensor([5, poison, 7])]
+    bad = [torch.randint(4, 500, (40,)), torch.tensor([5, poison, 7]), torch.randint(4, 500, (30,))]
     lonely = [torch.randint(4, 500, (20,)), torch.randint(4, 500, (30,))]
-    futures = serve(leader, [(good[0], False), (bad, False), (lonely, True)] + [(g, False) for g in good[1:]])
-    assert isinstance(futures[1].exception(timeout=1), ForwardError)
-    assert isinstance(futures[0].exception(timeout=1), ForwardError)  # shared the bad forward
-    assert futures[2].exception(timeout=1) is None
+    submissions = [(good[0], False), (bad, False), (lonely, True)] + [(g, False) for g in good[1:]]
+    futures = serve(leader, submissions)
+    results = [f.result(timeout=1) for f in futures]
+    assert all(isinstance(r, Scored) for r in results)
+    for (seqs, _), result in zip(submissions, results):
+        if seqs is bad:
+            continue
+        assert result.errors == [None] * len(seqs)
+        np.testing.assert_array_equal(result.rewards, fake_rewards(seqs))
+    scored = results[1]
+    assert scored.errors[0] is None and scored.errors[2] is None
+    assert isinstance(scored.errors[1], ForwardError) and "the forward failed" in str(scored.errors[1])
+    assert np.isnan(scored.rewards[1]).all()
+    np.testing.assert_array_equal(scored.rewards[[0, 2]], fake_rewards(bad)[[0, 2]])
+    with_bad = [f for f in scorer.forwards if any(torch.equal(s, bad[1]) for s in f if s.shape == bad[1].shape)]
+    assert len(with_bad[0]) > 3  # shared with other works: they are scored again, alone
+    assert [len(f) for f in with_bad[1:]] == [3, 1]  # the bad work alone, then its sequences one by one
+    assert [len(f) for f in scorer.forwards[-3:]] == [1, 1, 1]
     alone_forwards = [f for f in scorer.forwards if any(s.shape == lonely[0].shape and torch.equal(s, lonely[0])
                                                           for s in f)]
     assert len(alone_forwards) == 1 and len(alone_forwards[0]) == 2
+    assert leader.queued_batches == 0 and leader.queued_tokens == 0
     with pytest.raises(ShuttingDown):
         leader.submit(good[0]).result(timeout=1)
+
+
+def test_unavailable_fails_whole_works_and_a_batch_of_works_is_queued_as_one(topo):
+    """Overloaded and an abort (ranks failed) fail whole works, never rows; submit_batch queues one Triton batch's
+    works at once (counted as one batch, refused together)."""
+    leader = Leader(Engine(RecordingScorer(), topo), heartbeat_s=1, tokens_per_forward=BUDGET,
+                    max_queued_tokens=100)
+    first = leader.submit_batch([[torch.randint(4, 500, (30,))], [torch.randint(4, 500, (40,))]])
+    assert (leader.queued_batches, leader.queued_tokens) == (1, 70)
+    refused = leader.submit_batch([[torch.randint(4, 500, (20,))], [torch.randint(4, 500, (20,))]])
+    assert all(isinstance(f.exception(timeout=1), Overloaded) for f in refused)
+    empty = leader.submit([])
+    assert empty.result(timeout=1).rewards.shape[0] == 0 and empty.result(timeout=1).errors == []
+    leader.abort(RanksFailed("reward ranks failed: test"))
+    assert all(isinstance(f.exception(timeout=1), RanksFailed) for f in first)
+    assert (leader.queued_batches, leader.queued_tokens) == (0, 0)
+
+
+def test_forward_result_unpacks_the_reduced_tensor():
+    """step.py packs rewards and its tally rows into one tensor (one collective); ForwardResult reads them back."""
+    out = torch.zeros(3 + 4, 2)
+    out[:3] = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    out[3:, 0] = torch.tensor([1.0, 0.0, 120.0, 30.0])
+    result = ForwardResult.from_reduced(out, 3)
+    np.testing.assert_array_equal(result.rewards, np.arange(6, dtype=np.float32).reshape(3, 2))
+    assert (result.failed_ranks, result.faulted_ranks, result.computed, result.reused) == (1, 0, 120, 30)
 
 
 def test_rewards_bit_identical_to_scoring_each_forward_directly(topo, llama_ckpt):
@@ -140,7 +191,7 @@ def test_rewards_bit_identical_to_scoring_each_forward_directly(topo, llama_ckpt
     futures = serve(leader, [(b, False) for b in batches])
     got = {}
     for seqs, fut in zip(batches, futures):
-        for s, row in zip(seqs, fut.result(timeout=1)):
+        for s, row in zip(seqs, fut.result(timeout=1).rewards):
             got[tuple(s.tolist())] = row
     direct = {}
     for forward in scorer.forwards:  # the simple path: the scorer called on the same forward, no queue
@@ -165,7 +216,7 @@ def test_overlapped_forwards_give_the_simple_paths_rewards_bit_for_bit(topo, lla
         scorer = RecordingScorer(packed_scorer(model))
         leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET, overlap=overlap)
         futures = serve(leader, [(b, False) for b in batches])
-        runs.append(([f.result(timeout=1) for f in futures], scorer.forwards))
+        runs.append(([f.result(timeout=1).rewards for f in futures], scorer.forwards))
     (simple, simple_forwards), (overlapped, overlapped_forwards) = runs
     assert len(simple_forwards) == len(overlapped_forwards) > 1
     assert all(len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
@@ -283,5 +334,5 @@ def test_the_rest_of_a_cached_group_fills_one_forward_and_its_rewards_stay_exact
         leader = Leader(Engine(scorer, topo), heartbeat_s=1, tokens_per_forward=BUDGET, sharing=True)
         results.append(serve(leader, [([s], False) for s in batch]))
     assert len(scorer.forwards) == 2 and len(scorer.forwards[1]) == 6  # 6 x 60 <= 600; with the prompt, 660
-    got = np.stack([f.result(timeout=1)[0] for batch in results for f in batch])
+    got = np.stack([f.result(timeout=1).rewards[0] for batch in results for f in batch])
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s.numpy() for s in first + rest]), atol=1e-5, rtol=0)

@@ -1,6 +1,6 @@
-"""Rank 0's leader: checked batches from the front doors go into a queue; the main thread serves them in
+"""Rank 0's leader: checked requests from the front doors go into a queue; the main thread serves them in
 forwards of a token budget (plan.py), broadcasts each, runs its own share (step.py) and completes each caller's
-future once all of its sequences are scored."""
+future once all of its sequences are scored, retrying the works of a forward that failed apart (retry.py)."""
 
 import contextlib
 import logging
@@ -9,6 +9,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
+from functools import partial
 from typing import Callable, Deque, List, Optional, Tuple
 
 import numpy as np
@@ -18,6 +19,7 @@ from .. import distributed as d
 from ..distributed import Command
 from .errors import ForwardError, Overloaded, RankFault, RanksFailed, ShuttingDown
 from .plan import Work, plan_forward
+from .retry import Scored, retries
 from .stats import EngineStats
 from .step import Engine, ForwardResult
 
@@ -63,7 +65,7 @@ class Leader:
         self.min_shared = min_shared
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
-        self.queued_batches = self.queued_tokens = 0  # submitted (one per Triton batch) and not answered yet
+        self.queued_batches = self.queued_tokens = 0  # submitted (one per submit_batch) and not answered yet
         cache = getattr(getattr(engine, "scorer", None), "cache", None)  # rank 0's replica's prefix cache, or None
         self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, cache)
         # the budget counts tokens held by the prefix cache as free where rank 0 knows them: with one replica its
@@ -86,31 +88,48 @@ class Leader:
         self._launches: Deque[float] = deque()  # launch times of the forwards not finished yet (watchdog.py)
 
     def submit(self, seqs: List[torch.Tensor], alone: bool = False) -> Future:
-        """Rewards [len(seqs), width] as a numpy array, in a future. `alone`: score these sequences in forwards
-        of their own (used to retry the requests of a failed forward one by one)."""
-        fut: Future = Future()
+        """One work; see `submit_batch`."""
+        return self.submit_batch([seqs], alone)[0]
+
+    def submit_batch(self, batch: List[List[torch.Tensor]], alone: bool = False) -> List[Future]:
+        """A future per work (one request's sequences) of `batch` (one Triton batch), each completed with a
+        `Scored`: a row per sequence, where only a sequence that failed in a forward of its own has an error
+        (retry.py). A future fails only with the error of a whole work: Unavailable (shutting down, overloaded,
+        ranks failed). The works are queued at once (the main thread takes them together), count as one queued
+        batch, and are refused together. `alone`: each work in forwards of its own."""
+        futures: List[Future] = [Future() for _ in batch]
+        works = [Work(seqs, fut, alone) for seqs, fut in zip(batch, futures) if seqs]
+        n_tokens = sum(w.n_tokens for w in works)
         with self._lock:
-            n_tokens = sum(len(s) for s in seqs)
+            refusal: Optional[BaseException] = None
             if self._closed.is_set():
-                fut.set_exception(self._refusal or ShuttingDown("the reward server is shutting down; retry"))
-            elif not seqs:
-                fut.set_result(np.zeros((0, 1), dtype=np.float32))
-            elif self.max_queued_tokens and self.queued_tokens and \
+                refusal = self._refusal or ShuttingDown("the reward server is shutting down; retry")
+            elif works and self.max_queued_tokens and self.queued_tokens and \
                     self.queued_tokens + n_tokens > self.max_queued_tokens:
-                fut.set_exception(Overloaded(
-                    f"the reward server is overloaded ({self.queued_tokens} tokens queued, limit "
-                    f"{self.max_queued_tokens}); retry later"))
-            else:
+                refusal = Overloaded(f"the reward server is overloaded ({self.queued_tokens} tokens queued, limit "
+                                     f"{self.max_queued_tokens}); retry later")
+            if refusal is not None:
+                for fut in futures:
+                    fut.set_exception(refusal)
+                return futures
+            for seqs, fut in zip(batch, futures):
+                if not seqs:
+                    fut.set_result(Scored.of([], []))
+            if works:
                 self.queued_batches += 1
                 self.queued_tokens += n_tokens
-                fut.add_done_callback(lambda _: self._dequeued(n_tokens))
-                self._queue.put(Work(seqs, fut, alone))
-        return fut
+                left = [len(works)]  # works of this batch not answered yet
+                for w in works:
+                    w.fut.add_done_callback(partial(self._dequeued, w.n_tokens, left))
+                self._queue.put(works)
+        return futures
 
-    def _dequeued(self, n_tokens: int) -> None:
+    def _dequeued(self, n_tokens: int, left: List[int], _fut: Future) -> None:
         with self._lock:
-            self.queued_batches -= 1
             self.queued_tokens -= n_tokens
+            left[0] -= 1
+            if not left[0]:
+                self.queued_batches -= 1
 
     def close(self) -> None:
         """Take no new work; `run` returns after the work already queued."""
@@ -171,8 +190,9 @@ class Leader:
                 continue
             if item is _STOP:
                 return True
-            if item.fut.set_running_or_notify_cancel():
-                self._pending.append(item)
+            for work in item:
+                if work.fut.set_running_or_notify_cancel():
+                    self._pending.append(work)
 
     def oldest_forward_launch(self) -> Optional[float]:
         """time.monotonic() at which the oldest unfinished forward was launched, or None."""
@@ -221,13 +241,18 @@ class Leader:
         if result.faulted_ranks:
             raise RankFault(f"{result.faulted_ranks} reward rank(s) hit a fatal error (out of memory?); the server "
                             "restarts")
-        # a work failed by an earlier forward may still have had sequences in this one: skip it
-        works = [w for w in {id(w): w for w, _ in forward.picked}.values() if not w.fut.done()]
-        if result.failed_ranks:  # every work with a sequence in this forward fails; the service retries them
-            for w in works:
-                self._pending.remove(w)
-                w.fut.set_exception(ForwardError(f"the forward failed on {result.failed_ranks} rank(s); see the "
-                                                 "server log"))
+        # a work retired by an earlier forward's failure (or failed by an abort) may still have had sequences in
+        # this one: skip it
+        works = [w for w in {id(w): w for w, _ in forward.picked}.values() if not (w.retired or w.fut.done())]
+        if result.failed_ranks:  # every work with a sequence in this forward is scored again, apart (retry.py)
+            error = ForwardError(f"the forward failed on {result.failed_ranks} rank(s); see the server log")
+            if any(not w.alone or len(w.seqs) > 1 for w in works):
+                log.warning("a forward of %d sequence(s) from %d work(s) failed on %d rank(s); scoring them apart",
+                            n, len(works), result.failed_ranks)
+            with self._lock:  # not between an abort's failing of the pending works and its refusals
+                for w in works:
+                    self._pending.remove(w)
+                    self._pending.extend(retries(w, error))
             return
         for (w, i), row in zip(forward.picked, result.rewards):
             w.rows[i] = row
@@ -235,7 +260,7 @@ class Leader:
         for w in works:
             if w.missing == 0:
                 self._pending.remove(w)
-                w.fut.set_result(w.result())
+                w.fut.set_result(Scored.of(w.rows, [None] * len(w.rows)))
 
     def reject_queued(self, exc: BaseException) -> None:
         """Fail the batches waiting in the queue, e.g. ones that reached a Triton which is being restarted
@@ -257,4 +282,5 @@ class Leader:
             except queue.Empty:
                 return
             if item is not _STOP:
-                fail(item)
+                for work in item:
+                    fail(work)

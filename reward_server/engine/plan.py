@@ -11,8 +11,8 @@ from ..scoring.trie import PrefixIndex
 
 
 class Work:
-    """One submitted batch: its sequences, its caller's future, and the rows scored so far. Its sequences may be
-    spread over several forwards, and a forward may hold sequences of several works."""
+    """One submitted request (or a retry of one, retry.py): its sequences, its caller's future, and the rows scored
+    so far. Its sequences may be spread over several forwards, and a forward may hold sequences of several works."""
 
     def __init__(self, seqs: List[torch.Tensor], fut: Future, alone: bool):
         self.seqs = seqs
@@ -22,13 +22,7 @@ class Work:
         self.untaken = deque(range(len(seqs)))
         self.rows: List[Optional[np.ndarray]] = [None] * len(seqs)
         self.missing = len(seqs)
-
-    def result(self) -> np.ndarray:
-        width = max(len(r) for r in self.rows)  # rows of one work may come from forwards of different widths
-        out = np.zeros((len(self.rows), width), dtype=np.float32)
-        for i, r in enumerate(self.rows):
-            out[i, :len(r)] = r
-        return out
+        self.retired = False  # replaced by its retries (retry.py): its rows still in flight are dropped
 
 
 def plan_forward(pending: Deque[Work], budget: int, sharing: bool = False, min_shared: int = 32,

@@ -3,8 +3,8 @@
 Errors are per row: a row that fails its checks gets NaN and its reason in `error`, the request's other rows
 are scored. A request with no row left to score gets a status of its own (statuses.py: HTTP 400 / gRPC
 INVALID_ARGUMENT with a one-line reason for input errors), the same whether Triton batched it with others or
-not. A forward that fails alike on every rank (input that slipped past the checks) is retried apart, request by
-request and then row by row, so that only the bad rows fail.
+not. A forward that fails alike on every rank (input that slipped past the checks) is retried apart by the leader,
+request by request and then row by row, so that only the bad rows fail.
 """
 
 import logging
@@ -130,26 +130,10 @@ class RewardService:
             log.exception("decoding a request failed")
             return InputError(f"bad request: {type(exc).__name__}: {exc}")
 
-    def _score(self, batches: List[List[np.ndarray]], alone: bool = False) -> List[list]:
-        """Each batch's rewards, one row per sequence. The leader may put them in forwards with other batches'
-        sequences; when such a forward fails alike on the ranks (input that slipped past the checks), score each
-        batch again in forwards of its own, then each sequence of a failing batch alone, so that only the bad
-        sequences fail (with ForwardError)."""
-        seqs = [torch.from_numpy(ids) for b in batches for ids in b]
-        if not seqs:
-            return [[] for _ in batches]
-        try:
-            rewards = self.leader.submit(seqs, alone=alone).result()
-        except ForwardError as exc:
-            if alone and len(seqs) == 1:  # failed on its own
-                return [[exc] if b else [] for b in batches]
-            log.warning("a forward of %d request(s), %d sequence(s) failed (%s); scoring them apart", len(batches),
-                        len(seqs), exc)
-            if len(batches) > 1 or not alone:
-                return [self._score([b], alone=True)[0] for b in batches]
-            return [[self._score([[ids]], alone=True)[0][0] for ids in batches[0]]]
-        results, at = [], 0
-        for b in batches:
-            results.append(list(rewards[at:at + len(b)]))
-            at += len(b)
-        return results
+    def _score(self, batches: List[List[np.ndarray]]) -> List[list]:
+        """Each batch's rows: a reward row per sequence, or the ForwardError of a sequence that failed in a forward
+        of its own (the leader scores the works of a failed forward apart, engine/retry.py). An Unavailable error
+        (shutting down, overloaded, ranks failed) fails the whole batch."""
+        futures = self.leader.submit_batch([[torch.from_numpy(ids) for ids in b] for b in batches])
+        return [[row if exc is None else exc for row, exc in zip(scored.rewards, scored.errors)]
+                for scored in (f.result() for f in futures)]
