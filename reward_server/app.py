@@ -9,25 +9,23 @@ import time
 
 from . import distributed as d
 from . import faults
-from .config import ServeConfig
+from .config import ModelInfo, ServeConfig, resolve
 from .engine import Engine, Leader, ShuttingDown, run_subscriber
 from .kinds import kind_of
 from .loading.checkpoint import StartupError
-from .loading.model import needs_warm_up
 from .scoring.affinity import ReplicaAffinity
 from .scoring.scorer import warm_up
 from .serving import lifecycle
 from .serving.inputs import SequenceRules
 from .serving.metrics import Metrics
-from .serving.openrlhf import EOS_MODES, OpenRLHFEndpoint
+from .serving.openrlhf import OpenRLHFEndpoint
 from .serving.service import RewardService
-from .serving.triton import (ACCESS_HEADER, AUTO_INSTANCES, pick_free_ports, ready_line, resolve_access_token,
+from .serving.triton import (ACCESS_HEADER, pick_free_ports, ready_line, resolve_access_token,
                              resolve_inference_token, start_triton)
 from .serving.watchdog import Watchdog
 
 log = logging.getLogger("reward_server")
 
-AUTO_QUEUED_FORWARDS = 32  # batching.max_queued_tokens=null: this many forwards' token budgets
 STUB_HANDOFF_S = 1.0  # while draining: more than Triton ever takes to hand a dequeued batch to its Python stub
 DRAIN_POLL_S = 0.05  # while draining: how often to look whether every accepted request was answered
 
@@ -47,8 +45,6 @@ def serve(cfg: ServeConfig) -> int:
     exit_with_launcher()
     started = time.monotonic()
     kind = kind_of(cfg.reward.kind)
-    if cfg.server.openrlhf_eos not in EOS_MODES:
-        raise ValueError(f"server.openrlhf_eos={cfg.server.openrlhf_eos!r}: expected one of {EOS_MODES}")
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
     try:
@@ -57,8 +53,11 @@ def serve(cfg: ServeConfig) -> int:
         if topo.is_leader:
             log.error("cannot start: %s", exc)
         return 2
+    # every "auto" setting, by the rules in config/resolve.py (the loader applied the same rules for its own)
+    r = resolve(cfg, topo.device.type, topo.tp_size, topo.dp_size, ModelInfo.of(model_config, type(scorer.backbone)),
+                rank=topo.rank)
     attn = model_config._attn_implementation
-    if cfg.batching.warmup if cfg.batching.warmup is not None else needs_warm_up(cfg.model, topo, attn):
+    if r.warmup:
         start = time.monotonic()
         warm_up(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward)
         if topo.is_leader:
@@ -87,25 +86,21 @@ def serve(cfg: ServeConfig) -> int:
         log.info("rank %d exited cleanly", topo.rank)
         return 0
 
-    max_length = cfg.model.max_length or model_config.max_position_embeddings
-    row_bytes = cfg.server.max_row_bytes or cfg.server.bytes_per_token * max_length
-    request_bytes = cfg.server.max_request_bytes or row_bytes * cfg.batching.max_batch_size
-    rules = SequenceRules(model_config.vocab_size, max_length, cfg.model.truncation, row_bytes, request_bytes)
-    # on the CPU a forward runs to its end inside the launch: overlapping would only delay each answer by a forward
-    overlap = cfg.batching.overlap and topo.device.type == "cuda"
+    rules = SequenceRules(model_config.vocab_size, r.max_length, cfg.model.truncation, r.max_row_bytes,
+                          r.max_request_bytes)
     budget = cfg.batching.max_tokens_per_forward * topo.dp_size
-    queued = cfg.batching.max_queued_tokens
     metrics = Metrics()
-    leader = Leader(engine, cfg.parallel.heartbeat_s, budget, overlap, cfg.server.stats_log_s, layout.sharing,
-                    layout.min_shared, AUTO_QUEUED_FORWARDS * budget if queued is None else queued, metrics)
+    leader = Leader(engine, cfg.parallel.heartbeat_s, budget, r.overlap, cfg.server.stats_log_s, layout.sharing,
+                    layout.min_shared, r.max_queued_tokens, metrics)
     metrics.watch_queue(leader)
     service = RewardService(leader, kind.decoder(cfg, scorer, tokenizer, rules), kind.outputs(cfg, scorer, model_config),
                             metrics)
     watchdog = Watchdog(leader, service, cfg.parallel.timeout_s, peers)
     watchdog.start()
-    instances = cfg.batching.instances or AUTO_INSTANCES[topo.device.type]
+    instances = r.instances
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
-        pick_free_ports(cfg.server)
+        pick_free_ports(cfg.server)  # the ports set to 0
+        cfg.server.triton_metrics_port = r.triton_metrics_port
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
     if cfg.server.openrlhf_port is not None:
         OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .config import ParallelConfig
+from .config import ParallelConfig, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def init_distributed(cfg: ParallelConfig) -> Topology:
     """Join the torchrun group (or make a group of one when started without torchrun)."""
     global _control_group
     use_cuda = torch.cuda.is_available()
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    backend = resolve_backend(cfg.backend, use_cuda)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":

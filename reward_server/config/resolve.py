@@ -104,6 +104,36 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def auto_dtype(dtype: str, device_type: str) -> str:
+    """model.dtype; auto: bfloat16 on GPU, float32 on CPU."""
+    return str(dtype) if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+
+
+def auto_attention(name: str, device_type: str, model: ModelInfo) -> str:
+    """model.attn_implementation; auto: the first of AUTO_ATTENTION[device] that the model class supports (Gemma2 has
+    no sdpa: eager on the CPU, flex_attention on the GPU, both with its attention soft-capping). An explicit choice
+    the class lacks raises ConfigError."""
+    if name != "auto":
+        if str(name) not in model.attention:
+            raise ConfigError("model.attn_implementation", name, f"{model.class_name} does not support it; use auto")
+        return str(name)
+    return next(a for a in AUTO_ATTENTION.get(device_type, AUTO_ATTENTION["cuda"]) if a in model.attention)
+
+
+def auto_compile(compile_, device_type: str, tp_size: int, dp_size: int) -> bool:
+    """model.compile; auto: on with CUDA, except for tensor-parallel replicas wrapped for data parallelism (TP x DP,
+    not measured); measured faster with one rank and with TP=2 (docs/performance.md)."""
+    if compile_ is not None:
+        return bool(compile_)
+    return device_type == "cuda" and (tp_size == 1 or dp_size == 1)
+
+
+def auto_row_tokens(packed_row_tokens: int, max_tokens_per_forward: int, attn: str) -> int:
+    """batching.packed_row_tokens; 0: the whole budget with flex_attention (its block mask skips other sequences'
+    blocks), DENSE_MASK_ROW_TOKENS with a dense mask, whose attention work grows with the row length squared."""
+    return packed_row_tokens or (max_tokens_per_forward if attn == "flex_attention" else DENSE_MASK_ROW_TOKENS)
+
+
 def resolve(cfg: ServeConfig, device_type: str, tp_size: int, dp_size: int, model: ModelInfo, *, rank: int = 0,
             pick_port: Callable[[], int] = free_loopback_port) -> Resolved:
     """Every "auto" rule in one place: the values a rank of `device_type` ("cuda" / "cpu") in a world of `tp_size`
@@ -112,29 +142,16 @@ def resolve(cfg: ServeConfig, device_type: str, tp_size: int, dp_size: int, mode
     m, b, s = cfg.model, cfg.batching, cfg.server
     cuda = device_type == "cuda"
     backend = resolve_backend(cfg.parallel.backend, cuda)
-    # model.dtype auto: bfloat16 on GPU, float32 on CPU
-    dtype = str(m.dtype) if m.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    # model.attn_implementation auto: the first of AUTO_ATTENTION[device] that the model class supports (Gemma2 has
-    # no sdpa: eager on the CPU, flex_attention on the GPU, both with its attention soft-capping)
-    if m.attn_implementation != "auto":
-        attn = str(m.attn_implementation)
-        if attn not in model.attention:
-            raise ConfigError("model.attn_implementation", attn, f"{model.class_name} does not support it; use auto")
-    else:
-        attn = next(a for a in AUTO_ATTENTION.get(device_type, AUTO_ATTENTION["cuda"]) if a in model.attention)
-    # model.compile auto: on with CUDA, except for tensor-parallel replicas wrapped for data parallelism (TP x DP,
-    # not measured); measured faster with one rank and with TP=2 (docs/performance.md)
-    compile_ = m.compile if m.compile is not None else cuda and (tp_size == 1 or dp_size == 1)
+    dtype = auto_dtype(m.dtype, device_type)
+    attn = auto_attention(m.attn_implementation, device_type, model)
+    compile_ = auto_compile(m.compile, device_type, tp_size, dp_size)
     # batching.warmup auto: when there is something to compile or tune before the first request (CUDA kernels,
     # torch.compile, flex_attention); not on the CPU with eager/sdpa attention, where a warm-up only costs start-up
     # time (measured, tiny model, 2 ranks on 2 cores: ready after 12.5 s instead of 24.6 s, first requests as fast)
     warmup = b.warmup if b.warmup is not None else cuda or compile_ or attn == "flex_attention"
     # model.max_length null (or 0): the model's max_position_embeddings
     max_length = m.max_length or model.max_position_embeddings
-    # batching.packed_row_tokens 0: the whole budget with flex_attention (its block mask skips other sequences'
-    # blocks), DENSE_MASK_ROW_TOKENS with a dense mask, whose attention work grows with the row length squared
-    flex = attn == "flex_attention"
-    row_tokens = b.packed_row_tokens or (b.max_tokens_per_forward if flex else DENSE_MASK_ROW_TOKENS)
+    row_tokens = auto_row_tokens(b.packed_row_tokens, b.max_tokens_per_forward, attn)
     # batching.overlap: on the CPU a forward runs to its end inside the launch: overlapping would only delay each
     # answer by a forward
     overlap = b.overlap and cuda

@@ -8,9 +8,8 @@ from typing import Optional
 
 import torch
 
-# attention implementations tried for model.attn_implementation=auto, best first, and the class flag of each
-AUTO_ATTENTION = {"cuda": ("flex_attention", "sdpa", "eager"), "cpu": ("sdpa", "eager")}
-_SUPPORT_FLAG = {"flex_attention": "_supports_flex_attn", "sdpa": "_supports_sdpa"}
+from ..config import ConfigError, ModelInfo, auto_attention
+
 
 
 class StartupError(ValueError):
@@ -62,19 +61,15 @@ def model_class_for(auto_class, path: str, trust_remote_code: bool = False):
 
 
 def supports(model_class, attn: str) -> bool:
-    flag = _SUPPORT_FLAG.get(attn)
-    return flag is None or model_class is None or bool(getattr(model_class, flag, True))
+    return attn in ModelInfo.of({}, model_class).attention
 
 
 def resolve_attn(name: str, device: torch.device, model_class=None) -> str:
-    """model.attn_implementation; auto: the first of AUTO_ATTENTION[device] that the model class supports (Gemma2
-    has no sdpa: eager on the CPU, flex_attention on the GPU, both with its attention soft-capping)."""
-    if name != "auto":
-        if not supports(model_class, name):
-            raise StartupError(f"model.attn_implementation={name}: {model_class.__name__} does not support it; "
-                               f"use auto")
-        return name
-    return next(a for a in AUTO_ATTENTION.get(device.type, AUTO_ATTENTION["cuda"]) if supports(model_class, a))
+    """model.attn_implementation for this model class (the rule: config.auto_attention)."""
+    try:
+        return auto_attention(name, device.type, ModelInfo.of({}, model_class))
+    except ConfigError as exc:
+        raise StartupError(f"{exc.key}={exc.shown}: {exc.message}") from None
 
 
 def probe_attn(model) -> str:

@@ -7,7 +7,7 @@ from typing import List
 import torch
 
 from .checkpoint import check_remote_code, model_class_for, resolve_attn
-from ..config import ModelConfig
+from ..config import ModelConfig, auto_compile, auto_dtype
 from .default_model import default_model_path
 from .. import distributed as d
 from . import quantization
@@ -19,26 +19,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"model.dtype={name!r}: expected auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return _DTYPES[auto_dtype(name, device.type)]
 
 
 def resolve_compile(cfg: ModelConfig, topo: Topology) -> bool:
-    """model.compile; auto: on with CUDA, except for tensor-parallel replicas wrapped for data parallelism (TP x DP,
-    not measured); measured faster with one rank and with TP=2 (docs/performance.md)."""
-    if cfg.compile is not None:
-        return cfg.compile
-    return topo.device.type == "cuda" and (topo.tp_size == 1 or topo.dp_size == 1)
-
-
-def needs_warm_up(cfg: ModelConfig, topo: Topology, attn: str) -> bool:
-    """batching.warmup auto: when there is something to compile or tune before the first request (CUDA kernels,
-    torch.compile, flex_attention); not on the CPU with eager/sdpa attention, where a warm-up only costs start-up
-    time (measured, tiny model, 2 ranks on 2 cores: ready after 12.5 s instead of 24.6 s, first requests as fast)."""
-    return topo.device.type == "cuda" or resolve_compile(cfg, topo) or attn == "flex_attention"
+    return auto_compile(cfg.compile, topo.device.type, topo.tp_size, topo.dp_size)
 
 
 def resolve_path(cfg: ModelConfig, topo: Topology) -> str:

@@ -13,7 +13,7 @@ from torch.fx.experimental import _config as fx_config
 
 from .. import distributed as d
 from ..loading.checkpoint import StartupError
-from ..config import BatchingConfig
+from ..config import BatchingConfig, auto_row_tokens
 from .layout import Layout
 from .masks import TreeMasks, flex_block_size
 from .prefix_cache import PrefixCache
@@ -32,9 +32,6 @@ def _cache_call_settings() -> contextlib.ExitStack:
     return stack
 
 
-# Longest packed row with a dense attention mask (sdpa, eager), whose memory and work grow with the row length
-# squared; flex_attention skips masked blocks, so its rows take the whole token budget.
-DENSE_MASK_ROW_TOKENS = 2048
 
 
 class Scorer:
@@ -124,7 +121,7 @@ def build_scorer(model, readout, batching: BatchingConfig, pad_token_id: int, de
     masks = None
     if batching.layout == "packed":
         masks = TreeMasks(model.config, attn, model.dtype)
-    row_tokens = batching.packed_row_tokens or (batching.max_tokens_per_forward if flex else DENSE_MASK_ROW_TOKENS)
+    row_tokens = auto_row_tokens(batching.packed_row_tokens, batching.max_tokens_per_forward, attn)
     layout = Layout(batching.layout, batching.max_tokens_per_forward, pad_token_id, row_tokens=row_tokens,
                     sharing=batching.prefix_sharing, min_shared=batching.prefix_min_tokens,
                     pad_multiple=flex_block_size() if flex else 1)
