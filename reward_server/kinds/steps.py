@@ -7,35 +7,27 @@ from typing import List, Optional
 
 import numpy as np
 
-from ..config import RewardConfig
+from ..config import Aggregate, RewardConfig, StepScore, StepTagSource, reward_problems
 from ..protocol import InputError
 from ..serving.inputs import RequestDecoder
 
-SCORES = ("softmax", "logit", "classifier")
-TAG_SOURCES = ("text", "ids", "generation_prompt")
 AGGREGATES = {
-    "min": np.min,
-    "last": lambda v: v[-1],
-    "mean": np.mean,
-    "product": np.prod,
+    Aggregate.min: np.min,
+    Aggregate.last: lambda v: v[-1],
+    Aggregate.mean: np.mean,
+    Aggregate.product: np.prod,
 }
 
 
 def check_config(cfg: RewardConfig) -> None:
-    """Fail at start-up, before loading a model, on a reward config that cannot work."""
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(f"reward config: {message}")
-
-    need(cfg.score in SCORES, f"score={cfg.score!r}, expected one of {SCORES}")
-    need(cfg.step_tag_source in TAG_SOURCES, f"step_tag_source={cfg.step_tag_source!r}, expected one of {TAG_SOURCES}")
-    need(cfg.step_tag_source != "text" or cfg.step_tag != "", "step_tag_source=text needs a step_tag")
-    need(cfg.step_tag_source != "ids" or len(cfg.step_tag_ids) > 0, "step_tag_source=ids needs step_tag_ids")
-    need(cfg.aggregate in AGGREGATES, f"aggregate={cfg.aggregate!r}, expected one of {sorted(AGGREGATES)}")
-    need(cfg.max_steps >= 1, f"max_steps={cfg.max_steps} must be at least 1")
-    n_candidates = len(cfg.candidate_token_ids or cfg.candidate_tokens)
-    need(cfg.score != "softmax" or n_candidates >= 2, "score=softmax needs at least two candidate tokens")
-    need(cfg.score != "logit" or n_candidates == 1, "score=logit needs exactly one candidate token")
+    """Fail before loading a model on a reward config that cannot work (config.reward_problems' rules; the CLI has
+    checked them already, this covers a RewardConfig built in code)."""
+    for key, choices in (("score", StepScore), ("step_tag_source", StepTagSource), ("aggregate", Aggregate)):
+        if getattr(cfg, key) not in {c.value for c in choices}:
+            raise ValueError(f"reward config: {key}={getattr(cfg, key)!r}, expected one of {[c.value for c in choices]}")
+    errors = reward_problems(cfg)
+    if errors:
+        raise ValueError(f"reward config: {errors[0]}")
 
 
 def text_token_ids(tokenizer, text: str) -> List[int]:
