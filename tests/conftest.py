@@ -1,183 +1,58 @@
-"""Shared test fixtures: tiny real checkpoints saved with save_pretrained, and a real server started with
-torchrun (gloo, CPU) on free ports."""
+"""Fixtures shared by the test modules (the helpers they use live in tests/servers.py and tests/oracles.py; no test
+module imports another), and the `server` marker.
 
-import contextlib
-import os
-import random
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-from typing import List
+The marker rule: a test that starts a process of ours carries `server`: a server (servers.Server, the start_server
+fixture, servers.running_server), any torchrun group, or our programs as subprocesses (serve_reward_model.py,
+reward_server.launcher, reward_server.check, benchmarks/*.py). Tests that request start_server get it here,
+automatically; every other such test says so in its file: `pytestmark = pytest.mark.server` where all of a
+module's tests do, `@pytest.mark.server` on the test otherwise (a module-scoped server fixture marks nothing by
+itself: each test using it is marked). It is enforced: while a test without the marker runs, starting any of those
+raises (servers.forbid_servers), so a forgotten marker fails that test in every lane, and
+`python -m pytest -m "not server"` (the fast lane) starts none.
+"""
 
-import numpy as np
 import pytest
-import torch
 
-REPO = Path(__file__).resolve().parents[1]
+import servers
+from oracles import save_family_checkpoints, save_seqcls_checkpoint
+from servers import MODELS, Server
 
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range: a port the kernel hands out for outgoing connections (gloo,
-    clients) may be taken again before the server binds it."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_start = int(f.read().split()[0])
-    while True:
-        port = random.randrange(20000, min(ephemeral_start, 32768))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
+AUTO_MARKED = ("start_server",)  # fixtures whose every user starts a server
 
 
-def build_tokenizer(vocab_size: int = 512):
-    from reward_server.loading.default_model import _train_tokenizer
-
-    return _train_tokenizer(vocab_size)
+def pytest_configure(config):
+    servers.guard_subprocesses()
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3")
-WINDOW = 48  # sliding window of the families that have one: shorter than the test sequences, so that it matters
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(f in getattr(item, "fixturenames", ()) for f in AUTO_MARKED):
+            item.add_marker(pytest.mark.server)
 
 
-def family_model(arch: str, **common):
-    """A tiny random *ForSequenceClassification of one family (the config features that set it apart on)."""
-    import transformers as tf
-
-    if arch == "llama":
-        return tf.LlamaForSequenceClassification(tf.LlamaConfig(**common))
-    if arch == "qwen2":  # sliding window on its upper layer only (config.layer_types)
-        return tf.Qwen2ForSequenceClassification(tf.Qwen2Config(**common, use_sliding_window=True,
-                                                                 sliding_window=WINDOW, max_window_layers=1))
-    if arch == "qwen3":  # q/k norms
-        return tf.Qwen3ForSequenceClassification(tf.Qwen3Config(**common, head_dim=16))
-    if arch == "mistral":  # sliding window on every layer
-        return tf.MistralForSequenceClassification(tf.MistralConfig(**common, sliding_window=WINDOW))
-    if arch == "gemma2":  # attention logit soft-capping, alternating sliding / full layers, scaled embeddings
-        return tf.Gemma2ForSequenceClassification(tf.Gemma2Config(**common, head_dim=16, sliding_window=WINDOW,
-                                                                   attn_logit_softcapping=50.0, query_pre_attn_scalar=16))
-    if arch == "gemma3":  # q/k norms, local / global layers with their own rotary bases
-        return tf.Gemma3TextForSequenceClassification(tf.Gemma3TextConfig(
-            **common, head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
-            query_pre_attn_scalar=16))
-    raise ValueError(f"unknown family {arch!r}; expected one of {FAMILIES}")
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test is set up (a module-scoped server included)."""
+    servers.forbid_servers(None if item.get_closest_marker("server") else item.nodeid)
 
 
-def save_seqcls_checkpoint(path: Path, arch: str = "llama", num_labels: int = 1, seed: int = 0) -> Path:
-    """A tiny random sequence-classification model of the given family plus a real tokenizer."""
-    tok = build_tokenizer()
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                  num_labels=num_labels, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = family_model(arch, **common)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def reference_rewards(path, seqs):
-    """Plain single-process transformers forward, one unpadded sequence at a time."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return np.stack([model(input_ids=torch.as_tensor(s)[None]).logits[0].float().numpy() for s in seqs])
-
-
-class Server:
-    """A real `torchrun --nproc_per_node N serve_reward_model.py ...` process group."""
-
-    def __init__(self, nproc: int, overrides, log_path: Path, env=None, launcher_args=(), http_port=None):
-        self.http_port, self.grpc_port, self.metrics_port = http_port or free_port(), free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", *launcher_args, str(REPO / "serve_reward_model.py"),
-               f"server.http_port={self.http_port}", f"server.grpc_port={self.grpc_port}",
-               f"server.metrics_port={self.metrics_port}", *overrides]
-        self._log = open(log_path, "w")
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
-                                     start_new_session=True)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, models=("reward", "reward_model"), timeout=180.0):
-        """Ready when every model is: PyTriton loads them one by one and restarts Triton when a later one fails
-        to load, so the first model's readiness alone is not the server's."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-5000:]}")
-            try:
-                if all(urllib.request.urlopen(f"{self.url}/v2/models/{m}/ready", timeout=2).status == 200
-                       for m in models):
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()[-5000:]}")
-
-    def terminate(self, timeout=30.0) -> int:
-        """SIGTERM to the launcher, as a user's Ctrl-C or a scheduler would; returns torchrun's exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-                raise
-        self._log.close()
-        return self.proc.returncode
-
-    def stop(self, timeout=30.0):
-        """Teardown of a server whose shutdown is not under test: SIGKILL to torchrun and its ranks, and rank 0's
-        reaper stops Triton (reward_server/lifecycle.py; tests/test_rank_failure.py checks that it does). A graceful
-        SIGTERM drain takes ~9 s on 2 cores, mostly Triton unloading its Python backend stubs; tests/test_serve.py
-        and tests/test_security_drain.py check that path."""
-        self.kill()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            ranks = children(self.proc.pid)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            for pid in ranks:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
-
-
-def children(pid: int) -> List[int]:
-    out = []
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(p) for p in f.read().split()]
-    return out
+def pytest_sessionfinish(session):
+    servers.forbid_servers(None)
 
 
 @pytest.fixture
 def start_server(tmp_path):
-    servers = []
+    """start(nproc, overrides, models, env): a real server, ready; every one started is stopped after the test."""
+    started = []
 
-    def start(nproc=2, overrides=(), models=("reward", "reward_model"), env=None):
+    def start(nproc=2, overrides=(), models=MODELS, env=None):
         srv = Server(nproc, list(overrides) + [f"model.cache_dir={tmp_path / 'cache'}"],
-                     tmp_path / f"server{len(servers)}.log", env=env)
-        servers.append(srv)
+                     tmp_path / f"server{len(started)}.log", env=env)
+        started.append(srv)
         return srv.wait_ready(models)
 
     yield start
-    for srv in servers:
+    for srv in started:
         srv.stop()
 
 
@@ -189,3 +64,9 @@ def llama_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_ckpt(tmp_path_factory):
     return save_seqcls_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """{family: checkpoint} for every family we serve, and "llama-19-labels" (oracles.save_family_checkpoints)."""
+    return save_family_checkpoints(tmp_path_factory.mktemp("families"))

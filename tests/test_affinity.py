@@ -9,11 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import reference_rewards
+from oracles import reference_rewards, scalar_scorer, scorer_with_cache, tree_depths
 from reward_server.scoring.affinity import ReplicaAffinity
 from reward_server.scoring.layout import Layout
 from reward_server.scoring.trie import least_loaded
-from test_scoring import scalar_scorer
 
 MIN_SHARED = 32
 CAPACITY = 100_000
@@ -25,20 +24,6 @@ def ids(rng, n):
 
 def layout(budget=100_000):
     return Layout("packed", budget, 0, sharing=True, min_shared=MIN_SHARED)
-
-
-def tree_depths(rng, trees=8, beams=3, depths=5):
-    """A beam search over `trees` questions (150-400 tokens), shaped like benchmarks/workload.py's tree: depth d's
-    requests are each kept path plus a new step of 30-120 tokens, 2 per path; each tree keeps its first `beams`
-    candidates."""
-    paths = [[ids(rng, int(rng.integers(150, 400)))] for _ in range(trees)]
-    out = []
-    for _ in range(depths):
-        candidates = [[np.concatenate([p, ids(rng, int(rng.integers(30, 120)))]) for p in kept for _ in range(2)]
-                      for kept in paths]
-        out.append([c for tree in candidates for c in tree])
-        paths = [c[:beams] for c in candidates]
-    return out
 
 
 def shares(affinity, seqs):
@@ -161,12 +146,11 @@ def test_random_traffic_with_duplicates_on_two_replicas_with_small_rings_stays_e
     from concurrent.futures import Future
 
     from reward_server.engine import Work, plan_forward
-    from test_prefix_cache import build_scorer_with_capacity
 
     rng = np.random.default_rng(0)
     pool = [ids(rng, int(n)) for n in rng.integers(1, 71, 128)]
     reward_of = {p.tobytes(): r for p, r in zip(pool, reference_rewards(llama_ckpt, pool)[:, 0])}
-    replicas = [build_scorer_with_capacity(llama, 500, budget=2048) for _ in range(2)]
+    replicas = [scorer_with_cache(llama, 500, budget=2048) for _ in range(2)]
     affinity, pending, rows = ReplicaAffinity(2, 500, MIN_SHARED), deque(), 0
     for _ in range(40):
         for _ in range(int(rng.integers(1, 30))):

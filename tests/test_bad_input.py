@@ -20,10 +20,10 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import reference_rewards
+from oracles import reference_rewards
 import time
 
-from procs import rank_pids, rss_mb, running_server
+from servers import rank_pids, rss_mb, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -223,6 +223,7 @@ def outcome(result):
     return int(status), message
 
 
+@pytest.mark.server
 def test_bad_requests_fail_alone_and_good_ones_in_the_same_batches_are_scored(server, llama_ckpt):
     rng = np.random.default_rng(0)
     bad, good, mixed = bad_cases(), good_cases(llama_ckpt, rng), mixed_cases()
@@ -281,6 +282,7 @@ def test_bad_requests_fail_alone_and_good_ones_in_the_same_batches_are_scored(se
     np.testing.assert_allclose(rewards, reference_rewards(llama_ckpt, [np.array([5, 6, 7])]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.server
 def test_grpc_gets_the_same_statuses(server):
     """gRPC: INVALID_ARGUMENT for input errors, INTERNAL for a row that fails the forward, with the same messages."""
     import grpc
@@ -301,6 +303,7 @@ def test_grpc_gets_the_same_statuses(server):
         client.close()
 
 
+@pytest.mark.server
 def test_huge_bodies_are_refused_at_once_and_leave_no_memory_behind(server):
     """Two 50 MB texts at once, beside good traffic: refused within seconds (400) and good requests still
     answered; four rounds of them leave rank 0's memory where the first round left it (nothing of a refused
@@ -330,7 +333,7 @@ def test_huge_bodies_are_refused_at_once_and_leave_no_memory_behind(server):
 
 
 def test_truncation_keeps_the_end_or_the_start():
-    from conftest import build_tokenizer
+    from oracles import build_tokenizer
     from reward_server.protocol import InputError
     from reward_server.serving.inputs import RequestDecoder, SequenceRules
 

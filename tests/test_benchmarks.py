@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from servers import REPO
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(300)]  # each runs benchmark scripts as processes
 BENCH = REPO / "benchmarks"
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, Server, free_port, reference_rewards
+from oracles import load_tokenizer, reference_rewards, save_prm_checkpoint, shepherd_reference, shepherd_texts
+from servers import REPO, Server, free_port, rank_pids
 from reward_server.client import (RemoteGPTRMClient, RewardInputError, RewardServerError, RewardServerUnavailable,
                                   RewardTimeout)
 
@@ -49,6 +50,7 @@ def padded(seqs):
     return tokens, torch.tensor([len(s) for s in seqs])
 
 
+@pytest.mark.server
 def test_order_preserved_1000_sequences_16_concurrent_callers(server, sequences):
     seqs, expected = sequences
     with RemoteGPTRMClient(server.url) as client:
@@ -75,6 +77,7 @@ def test_order_preserved_1000_sequences_16_concurrent_callers(server, sequences)
         np.testing.assert_allclose(np.asarray(rewards), expected[order], atol=1e-4, rtol=0)
 
 
+@pytest.mark.server
 def test_text_torch_async_and_normalization(server, llama_ckpt, sequences):
     from transformers import AutoTokenizer
 
@@ -95,6 +98,7 @@ def test_text_torch_async_and_normalization(server, llama_ckpt, sequences):
         np.testing.assert_allclose(client.score(seqs[:50]), (expected[:50] - 0.25) / 2.0, atol=1e-4, rtol=0)
 
 
+@pytest.mark.server
 def test_malformed_sequence_error_names_its_index(server, sequences):
     seqs = list(sequences[0][:100])
     seqs[37] = np.array([5, 9999])
@@ -117,23 +121,10 @@ def test_malformed_sequence_error_names_its_index(server, sequences):
         assert np.isfinite(client.score(sequences[0][:16])).all()  # nothing left behind
 
 
-def rank_pid(launcher_pid: int, rank: int) -> int:
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if ppid == launcher_pid and f"RANK={rank}".encode() in env:
-            return int(entry)
-    raise LookupError(f"no rank {rank} under {launcher_pid}")
-
-
+@pytest.mark.server
 def test_timeout_when_a_rank_stops_mid_request(server, sequences):
     seqs = sequences[0][:40]
-    subscriber = rank_pid(server.proc.pid, 1)
+    subscriber = rank_pids(server.proc.pid)[1]
     with RemoteGPTRMClient(server.url, request_timeout_s=2.0) as client, \
             RemoteGPTRMClient(server.url, request_timeout_s=600.0) as patient:
         client.score(seqs[:2])  # connected, config read
@@ -197,6 +188,7 @@ class DelayedProxy:
         self._thread.join()
 
 
+@pytest.mark.server
 def test_refused_connection_is_retried_then_reported(server, sequences):
     port = free_port()  # nothing listens here
     start = time.monotonic()
@@ -221,6 +213,7 @@ def test_refused_connection_is_retried_then_reported(server, sequences):
         proxy.stop()
 
 
+@pytest.mark.server
 def test_a_wrong_model_name_is_reported_after_the_load_grace(server):
     start = time.monotonic()
     with RemoteGPTRMClient(server.url, model_name="no_such_model", max_batch_size=4, model_load_grace_s=1.0) as client:
@@ -243,14 +236,13 @@ def test_imports_without_torch_and_an_unclosed_client_does_not_hold_exit():
 
 
 def test_process_reward_model_step_rewards_through_the_client(start_server, tmp_path):
-    prm = pytest.importorskip("test_prm")
-    ckpt = prm.save_checkpoint(tmp_path / "shepherd", "MistralForCausalLM", seed=3)
+    ckpt = save_prm_checkpoint(tmp_path / "shepherd", "MistralForCausalLM", seed=3)
     srv = start_server(2, ["reward=math_shepherd", f"model.path={ckpt}", "parallel.tensor_parallel_size=2",
                            "batching.max_batch_size=4", "reward.max_steps=8"], models=("reward", "reward_model"))
-    tok = prm.load_tokenizer(ckpt)
-    texts = prm.shepherd_texts(11, seed=5)
+    tok = load_tokenizer(ckpt)
+    texts = shepherd_texts(11, seed=5)
     ids = [tok(t)["input_ids"] for t in texts]
-    expected = prm.shepherd_reference(ckpt, tok, ids)
+    expected = shepherd_reference(ckpt, tok, ids)
     with RemoteGPTRMClient(srv.url) as client:
         handle = client.infer_rm(texts)  # 3 requests of at most 4
         steps = handle.step_rewards()

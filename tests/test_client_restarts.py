@@ -16,11 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import Server, free_port, reference_rewards
-from procs import rank_pids
+from oracles import reference_rewards
+from servers import Server, free_port, rank_pids
 from reward_server.client import RemoteGPTRMClient, RewardTimeout
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 CALLS, PER_CALL = 60, 16
 FORWARD_S = 0.2

@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import Server, reference_rewards
+from oracles import reference_rewards
 from reward_server.client import RemoteGPTRMClient
 from reward_server.client.errors import RewardServerUnavailable
 from reward_server.client.http import Retry
 from reward_server.client.pool import ServerPool
+from servers import Server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -132,6 +133,7 @@ def requests_served(srv) -> float:
                if re.match(r"nv_inference_request_success(_total)?\{", line) and 'model="reward"' in line)
 
 
+@pytest.mark.server
 def test_a_server_killed_mid_batch_its_requests_go_to_the_other(servers, llama_ckpt):
     rng = np.random.default_rng(11)
     seqs = [rng.integers(4, 500, int(rng.integers(2, 40))) for _ in range(600)]

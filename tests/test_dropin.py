@@ -16,12 +16,12 @@ import pytest
 import requests
 from transformers import AutoTokenizer
 
-from conftest import REPO, free_port, reference_rewards
-from procs import running_server
+from oracles import reference_rewards
 from reward_server.client import RemoteGPTRMClient
 from reward_server.serving.openrlhf import BadRequest, OpenRLHFEndpoint, openrlhf_text, parse
 from reward_server.protocol import Unavailable
 from reward_server.serving.statuses import failure
+from servers import REPO, free_port, running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -77,6 +77,7 @@ def remote_rm_fn(url, payload):
     return response.status_code, response.json()
 
 
+@pytest.mark.server
 def test_old_and_new_request_shapes_get_our_reward_models_rewards(server, tokenizer, llama_ckpt):
     queries = [q + tokenizer.eos_token + tokenizer.pad_token * 2 for q in QUERIES]  # as OpenRLHF's actors send
     with RemoteGPTRMClient(server.url) as client:
@@ -92,6 +93,7 @@ def test_old_and_new_request_shapes_get_our_reward_models_rewards(server, tokeni
         assert answer["errors"] == [""] * len(queries)
 
 
+@pytest.mark.server
 def test_a_bad_query_gets_nan_and_its_reason_and_the_others_are_scored(server, tokenizer):
     long = "word " * 200  # within server.max_row_bytes, past model.max_length
     status, answer = remote_rm_fn(server.openrlhf_url, {"query": [QUERIES[0], long, QUERIES[1]]})
@@ -104,6 +106,7 @@ def test_a_bad_query_gets_nan_and_its_reason_and_the_others_are_scored(server, t
     np.testing.assert_allclose([answer["rewards"][0], answer["rewards"][2]], ours, atol=1e-6, rtol=0)
 
 
+@pytest.mark.server
 def test_requests_no_query_can_be_scored_from_get_a_one_line_400(server):
     status, answer = remote_rm_fn(server.openrlhf_url, {"query": ["word " * 400]})
     assert status == 400 and answer["error"].startswith("row 0: ") and "\n" not in answer["error"], answer
@@ -113,6 +116,7 @@ def test_requests_no_query_can_be_scored_from_get_a_one_line_400(server):
     assert status == 400 and '"query"' in answer["error"]
 
 
+@pytest.mark.server
 def test_sixty_four_concurrent_callers_are_all_answered(server, tokenizer):
     rng = np.random.default_rng(3)
     batches = [[f"Human: question {i}.{j}\nAssistant: " + " ".join(map(str, rng.integers(0, 99, rng.integers(1, 20))))
@@ -132,6 +136,7 @@ def load_verl_fn():
     return module
 
 
+@pytest.mark.server
 def test_verl_custom_reward_function_as_verls_reward_loop_calls_it(server, monkeypatch):
     monkeypatch.setenv("REWARD_SERVER_URL", server.url)
     fn = load_verl_fn()

@@ -5,32 +5,23 @@ cannot serve as asked; chat templates (missing, refused, replaced)."""
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
 
-from conftest import FAMILIES, REPO, build_tokenizer, free_port, reference_rewards, save_seqcls_checkpoint
-from reward_server.loading.checkpoint import StartupError, model_class_for, read_chat_template, resolve_attn
+from oracles import (FAMILIES, build_tokenizer, load_model, reference_rewards, save_seqcls_checkpoint, scalar_scorer,
+                     sharing_cases)
+from reward_server.loading.checkpoint import StartupError, read_chat_template
 from reward_server.config import BatchingConfig, ModelConfig
 from reward_server.distributed import Topology
 from reward_server.protocol import InputError
 from reward_server.serving.inputs import RequestDecoder, SequenceRules
 from reward_server.kinds.scalar import load_scalar_scorer
-from test_scoring import scalar_scorer, sharing_cases
+from servers import REPO, torchrun
 
 ONE_RANK = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
 ATOL = 1e-5  # fp32 on the CPU; the differences seen are ~1e-7
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("families")
-    ckpts = {arch: save_seqcls_checkpoint(root / arch, arch, seed=i) for i, arch in enumerate(FAMILIES)}
-    ckpts["llama-19-labels"] = save_seqcls_checkpoint(root / "llama19", "llama", num_labels=19, seed=7)
-    return ckpts
 
 
 def family_sequences():
@@ -53,19 +44,12 @@ def test_family_in_one_process_matches_plain_transformers(checkpoints, arch, lay
     np.testing.assert_allclose(got.numpy(), expected, atol=ATOL, rtol=0)
 
 
-def load_model(path):
-    """The model with the attention implementation the server picks for it on the CPU."""
-    attn = resolve_attn("auto", torch.device("cpu"), model_class_for(AutoModelForSequenceClassification, str(path)))
-    return AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
-                                                              attn_implementation=attn).eval()
-
-
+@pytest.mark.server
 def test_every_family_over_four_ranks_tensor_and_data_parallel(checkpoints, tmp_path):
     seqs = family_sequences()
     np.savez(tmp_path / "cases.npz", **{str(i): s for i, s in enumerate(seqs)})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
-           str(REPO / "tests" / "rank_families.py"), str(tmp_path), str(tmp_path / "cases.npz"),
-           *(f"{name}={path}" for name, path in checkpoints.items())]
+    cmd = torchrun(4, REPO / "tests" / "rank_families.py", tmp_path, tmp_path / "cases.npz",
+                   *(f"{name}={path}" for name, path in checkpoints.items()))
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     print(run.stdout)
@@ -139,14 +123,14 @@ def test_custom_code_and_heads_other_than_score_are_refused_at_start_up_in_one_l
     assert "\n" not in message and "*ForSequenceClassification" in message
 
 
+@pytest.mark.server
 def test_start_up_error_is_one_line_in_the_server_log(tmp_path):
     """Through torchrun: the message, no traceback from us, exit code 2."""
     path = save_seqcls_checkpoint(tmp_path / "custom")
     config = json.loads((path / "config.json").read_text())
     config.update(model_type="test_unknown_type", auto_map={"AutoConfig": "modeling_x.Config"})
     (path / "config.json").write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "serve_reward_model.py"), f"model.path={path}", f"model.cache_dir={tmp_path / 'cache'}"]
+    cmd = torchrun(2, REPO / "serve_reward_model.py", f"model.path={path}", f"model.cache_dir={tmp_path / 'cache'}")
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     log = run.stdout + run.stderr
     assert run.returncode != 0

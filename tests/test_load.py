@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from conftest import reference_rewards
-from procs import rank_pids, rss_mb, running_server
+from oracles import reference_rewards
+from servers import rank_pids, rss_mb, running_server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
 CLIENTS = 64
 # 2,048 requests by default (about 5 s here); RELIABILITY_LOAD_PER_CLIENT=2000 runs 128,000 (about 4 minutes)

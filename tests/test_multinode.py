@@ -6,10 +6,10 @@ transformers forward, as a single-node server's do."""
 import numpy as np
 import pytest
 
-from conftest import Server, free_port, reference_rewards
-from test_serve import mixed_sequences, score_tokens
+from oracles import mixed_sequences, reference_rewards
+from servers import Server, free_port, score_tokens
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
 
 def test_two_launchers_over_c10d_rendezvous_serve_as_one(tmp_path, llama_ckpt):

@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import reference_rewards
-from procs import running_server
+from oracles import reference_rewards
 from reward_server.client import RemoteGPTRMClient
+from servers import metrics, running_server, value
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
 QUEUED_TOKENS = 40
 
@@ -41,17 +41,6 @@ def post(url, ids):
             return response.status, json.loads(response.read())["outputs"][0]["data"][0], time.monotonic() - started
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())["error"], time.monotonic() - started
-
-
-def metrics(server) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
-def value(text: str, name: str) -> float:
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert found, f"{name} not in the metrics"
-    return float(found.group(1))
 
 
 def test_a_burst_beyond_the_queue_limit_is_refused_at_once(server, llama_ckpt):

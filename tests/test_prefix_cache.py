@@ -8,11 +8,10 @@ flex_attention compile nothing after the warm-up."""
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, reference_rewards
+
+from oracles import FAMILIES, TinyPRM, load_model, reference_rewards, scalar_scorer, scorer_with_cache, sharing_cases
 from reward_server.config import BatchingConfig
-from reward_server.scoring.scorer import build_scorer, warm_up
-from test_fidelity import checkpoints, load_model  # noqa: F401 (fixture)
-from test_scoring import TinyPRM, scalar_scorer, sharing_cases
+from reward_server.scoring.scorer import warm_up
 
 ATOL = 1e-5
 
@@ -35,7 +34,7 @@ def score_in_forwards(scorer, forwards):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_sequences_extending_earlier_forwards_match_each_scored_alone(checkpoints, arch):  # noqa: F811
+def test_sequences_extending_earlier_forwards_match_each_scored_alone(checkpoints, arch):
     model = load_model(checkpoints[arch])
     forwards = forwards_of(sharing_cases(seed=11))
     scorer = scalar_scorer(model, budget=512)
@@ -62,7 +61,7 @@ def test_a_small_ring_evicts_old_tokens_and_stays_exact(llama_ckpt):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-    scorer = build_scorer_with_capacity(model, capacity=300)
+    scorer = scorer_with_cache(model, capacity=300)
     forwards = forwards_of(sharing_cases(seed=12)) * 2
     got = score_in_forwards(scorer, forwards)
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
@@ -78,7 +77,7 @@ def test_a_call_that_wraps_the_ring_over_its_own_context_reads_the_context_first
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-    scorer = build_scorer_with_capacity(model, capacity=300)
+    scorer = scorer_with_cache(model, capacity=300)
     rng = np.random.default_rng(13)
     a = rng.integers(4, 500, 40).astype(np.int64)
     stem = rng.integers(4, 500, 40).astype(np.int64)
@@ -87,14 +86,6 @@ def test_a_call_that_wraps_the_ring_over_its_own_context_reads_the_context_first
     got = score_in_forwards(scorer, forwards)
     assert scorer.cache.written == 345  # a's last token (slot 39) was overwritten by token 339 of the second call
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
-
-
-def build_scorer_with_capacity(model, capacity, budget=512):
-    from reward_server.scoring.readout import LastToken
-
-    batching = BatchingConfig(max_tokens_per_forward=budget, prefix_cache_tokens=capacity)
-    return build_scorer(model, LastToken(model.score, model.config.num_labels, model.config.pad_token_id), batching,
-                        model.config.pad_token_id, torch.device("cpu"))
 
 
 def test_traffic_that_shares_nothing_does_not_take_the_cache_path(llama_ckpt):
@@ -167,5 +158,5 @@ def test_a_negative_capacity_is_refused_in_one_line(llama_ckpt):
 
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
     with pytest.raises(StartupError, match=r"batching.prefix_cache_tokens=-1: expected a number of tokens"):
-        build_scorer_with_capacity(model, capacity=-1)
-    assert build_scorer_with_capacity(model, capacity=0).cache is None
+        scorer_with_cache(model, capacity=-1)
+    assert scorer_with_cache(model, capacity=0).cache is None

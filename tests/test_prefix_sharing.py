@@ -13,21 +13,18 @@ import numpy as np
 import pytest
 from pytriton.client import ModelClient
 
-from conftest import Server, reference_rewards
-from test_overload_metrics import metrics, value
-from test_prm import TAG, load_tokenizer, one_id, ref_lm_softmax, save_checkpoint
-from test_prm import infer as prm_infer
-from test_affinity import tree_depths
-from test_scoring import sharing_cases
+from oracles import (TAG, load_tokenizer, one_id, ref_lm_softmax, reference_rewards, save_prm_checkpoint, sharing_cases,
+                     tree_depths)
 from reward_server.scoring.trie import trie_order
+from servers import Server, infer_outputs, metrics, value
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 BUDGET = 512  # tokens per forward: the 600-token shared prefix is longer
 
 
 def infer(url, name, rows):
-    """test_prm's call (rewards, step_rewards, ...; None where the model has no such output), every row scored."""
-    out = prm_infer(url, name, rows)
+    """The rewards and step rewards (where the model has them) of one request, every row scored."""
+    out = infer_outputs(url, name, rows)
     assert all(e[0] == b"" for e in out["error"]), out["error"]
     return {k: v for k, v in out.items() if v is not None and k in ("rewards", "step_rewards")}
 
@@ -69,7 +66,7 @@ def served(request, tmp_path_factory, llama_ckpt):
     overrides = [f"parallel.tensor_parallel_size={spec['tp']}", f"batching.max_tokens_per_forward={BUDGET}",
                  "batching.max_queue_delay_us=50000", "server.stats_log_s=0.5", f"model.cache_dir={log_dir}"]
     if spec["kind"] == "prm":
-        ckpt = save_checkpoint(tmp_path_factory.mktemp("prm-ckpt"), "MistralForCausalLM", seed=6)
+        ckpt = save_prm_checkpoint(tmp_path_factory.mktemp("prm-ckpt"), "MistralForCausalLM", seed=6)
         overrides += ["reward=math_shepherd", f"model.path={ckpt}"]
         tok = load_tokenizer(ckpt)
         tag, good, bad = one_id(tok, TAG), one_id(tok, "+"), one_id(tok, "-")

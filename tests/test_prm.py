@@ -1,5 +1,5 @@
 """Process reward models end to end: torchrun 2 ranks (gloo), real PyTriton server, every step score equal to
-a reference computed here from a plain transformers forward, for each preset in conf/reward/.
+a reference computed from a plain transformers forward (tests/oracles.py), for each preset in conf/reward/.
 
 One server per preset for the whole module: math_shepherd (Mistral, TP=2), qwen_prm (Qwen2 token
 classification, DP=2), rlhflow (Llama chat, TP=2)."""
@@ -11,149 +11,24 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import tritonclient.http as httpclient
 from pytriton.client import ModelClient
 from tritonclient.utils import InferenceServerException
 
-from conftest import Server
+from oracles import (TAG, load_tokenizer, one_id, ref_rlhflow, ref_token_classification, save_prm_checkpoint,
+                     shepherd_reference, shepherd_texts)
+from servers import Server, infer_outputs
 
 pytestmark = pytest.mark.timeout(600)
-
-TAG = "ки"
-SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]
-EXTRA_SPECIALS = ["<extra_0>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-# Llama-3-like: a header per turn, and a generation prompt (the RLHFlow preset scores where it predicts the reply).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-# Training text for the test tokenizer's merges: "ки" is learnt both alone and merged with a leading space
-# (" ки" is one token), like real tokenizers whose tag token depends on the character before it.
-TRAINING_TEXT = """Step 1: Let x be the number of apples ки
-Step 2: Then 2x + 3 = 11, so x = 4 ки
-ки The answer is 4. ки
-Question: what is 3 + 5 - 2? Answer: 6.
-User: What is the capital of France? Assistant: The capital of France is Paris.
-"""
-
-
-def build_prm_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TRAINING_TEXT.strip().splitlines() * 4, trainer=trainer)
-    tok.add_special_tokens(EXTRA_SPECIALS)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def save_checkpoint(path, model_class: str, seed: int, **extra):
-    import transformers
-
-    tok = build_prm_tokenizer()
-    arch = model_class.split("For")[0]
-    cfg = getattr(transformers, f"{arch}Config")(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
-        initializer_range=0.2, **extra)  # wide weights: step scores spread over (0, 1)
-    torch.manual_seed(seed)
-    getattr(transformers, model_class)(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def load_tokenizer(ckpt):
-    """The checkpoint's tokenizer as the server loads it (a saved and reloaded tokenizer may split text
-    differently from the object that was saved: here, digits)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(ckpt)
-
-
-def one_id(tok, text):
-    ids = tok.encode(text, add_special_tokens=False)
-    assert len(ids) == 1, (text, ids)
-    return ids[0]
-
-
-# ---------------------------------------------------------------- references: plain transformers forwards
-
-def ref_lm_softmax(path, ids_list, tag_id, good, bad):
-    """math-shepherd's model card: one forward, at every step-tag position softmax over [good, bad] logits."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in ids_list:
-            ids = torch.as_tensor(ids)
-            logits = model(input_ids=ids[None]).logits[0]
-            out.append(logits[ids == tag_id][:, [good, bad]].softmax(-1)[:, 0].numpy())
-    return out
-
-
-def ref_token_classification(path, ids_list, sep_id):
-    """Qwen2.5-Math-PRM's card: P(positive) = softmax(logits[pos])[1] at every separator."""
-    from transformers import AutoModelForTokenClassification
-
-    model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in ids_list:
-            ids = torch.as_tensor(ids)
-            logits = model(input_ids=ids[None]).logits[0]
-            out.append(logits[ids == sep_id].softmax(-1)[:, 1].numpy())
-    return out
-
-
-def ref_rlhflow(path, tok, conversations):
-    """RLHFlow's script: one forward per step over the conversation so far, logits at -3 (the token before
-    the "+" reply and <|eot_id|>), softmax over ["+", "-"], P("+")."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    plus, minus = one_id(tok, "+"), one_id(tok, "-")
-    out = []
-    with torch.no_grad():
-        for conv in conversations:
-            scores = []
-            for k in range(2, len(conv) + 1, 2):
-                text = tok.apply_chat_template(conv[:k], tokenize=False)
-                ids = torch.tensor([tok.encode(text, add_special_tokens=False)])
-                scores.append(model(input_ids=ids).logits[0, -3, [plus, minus]].softmax(-1)[0].item())
-            out.append(np.array(scores))
-    return out
-
 
 AGG = {"min": np.min, "last": lambda v: v[-1], "mean": np.mean, "product": np.prod}
 
 
 # ---------------------------------------------------------------- client helpers
 
-def infer(url, name, rows, model="reward"):
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
-    data = np.array([[r.encode() if isinstance(r, str) else r] for r in rows], dtype=object)
-    inp = httpclient.InferInput(name, list(data.shape), "BYTES")
-    inp.set_data_from_numpy(data)
-    result = client.infer(model, [inp])
-    return {k: result.as_numpy(k) for k in ("rewards", "step_rewards", "num_steps", "error")}
-
-
 def infer_many(url, name, requests):
     """Requests sent at once from threads, so the dynamic batcher merges rows of different step counts."""
     with ThreadPoolExecutor(len(requests)) as pool:
-        return list(pool.map(lambda rows: infer(url, name, rows), requests))
+        return list(pool.map(lambda rows: infer_outputs(url, name, rows), requests))
 
 
 def check(out, expected, aggregate):
@@ -193,30 +68,16 @@ def start(tmp_path_factory, name, ckpt, tp, overrides=()):
 
 # ---------------------------------------------------------------- math-shepherd: Mistral causal LM, TP=2
 
-def shepherd_texts(n, seed, glue=""):
-    """Solutions of 1..7 steps, each ended by the tag; `glue` is what stands between a step and its tag."""
-    rng = np.random.default_rng(seed)
-    texts = []
-    for _ in range(n):
-        steps = [f"Step {i + 1}: x = {rng.integers(100)} + {rng.integers(100)}{glue}{TAG}"
-                 for i in range(int(rng.integers(1, 8)))]
-        texts.append(f"Question: what is {rng.integers(10)} + 5?\n" + "\n".join(steps))
-    return texts
-
-
 @pytest.fixture(scope="module")
 def shepherd(tmp_path_factory):
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("shepherd"), "MistralForCausalLM", seed=3)
+    ckpt = save_prm_checkpoint(tmp_path_factory.mktemp("shepherd"), "MistralForCausalLM", seed=3)
     srv = start(tmp_path_factory, "math_shepherd", ckpt, tp=2,
                 overrides=["reward.max_steps=8", "batching.max_queue_delay_us=100000"])
     yield srv, ckpt, load_tokenizer(ckpt)
     srv.stop()
 
 
-def shepherd_reference(ckpt, tok, ids_list):
-    return ref_lm_softmax(ckpt, ids_list, one_id(tok, TAG), one_id(tok, "+"), one_id(tok, "-"))
-
-
+@pytest.mark.server
 def test_math_shepherd_tp2_text_and_token_ids(shepherd):
     srv, ckpt, tok = shepherd
     requests = [shepherd_texts(n, seed) for seed, n in enumerate([3, 1, 5, 2])]
@@ -239,6 +100,7 @@ def test_math_shepherd_tp2_text_and_token_ids(shepherd):
     check(out, [e for r in expected for e in r], "min")
 
 
+@pytest.mark.server
 def test_step_tag_found_whatever_the_tokenizer_does_around_it(shepherd):
     """" ки" is one merged token (id != the tag's), "\\nки" and "4ки" are not: the server still puts the tag's
     id at every occurrence, and the rest of the text keeps its tokens."""
@@ -262,28 +124,29 @@ def test_step_tag_found_whatever_the_tokenizer_does_around_it(shepherd):
     ids = [tag_as_own_token(t) for t in texts]
     assert [i.count(tag_id) for i in ids] == [t.count(TAG) for t in texts]
     expected = shepherd_reference(ckpt, tok, ids)
-    check(infer(srv.url, "text", texts), expected, "min")
-    check(infer(srv.url, "token_ids", [" ".join(map(str, i)) for i in ids]), expected, "min")
+    check(infer_outputs(srv.url, "text", texts), expected, "min")
+    check(infer_outputs(srv.url, "token_ids", [" ".join(map(str, i)) for i in ids]), expected, "min")
 
 
+@pytest.mark.server
 def test_no_step_or_too_many_steps_is_a_row_error(shepherd):
     srv, ckpt, tok = shepherd
     no_tag = "Step 1: x = 4\nStep 2: no tag here"
     too_many = "\n".join(f"Step {i}: x{TAG}" for i in range(9))  # reward.max_steps=8
     with pytest.raises(InferenceServerException, match="no step found") as info:
-        infer(srv.url, "text", [no_tag])
+        infer_outputs(srv.url, "text", [no_tag])
     assert info.value.status() == "400"
     with pytest.raises(InferenceServerException, match="9 steps, more than reward.max_steps=8"):
-        infer(srv.url, "text", [too_many])
+        infer_outputs(srv.url, "text", [too_many])
     bad_ids = " ".join(map(str, tok(no_tag)["input_ids"]))
     with pytest.raises(InferenceServerException, match="no step found"):
-        infer(srv.url, "token_ids", [bad_ids])
+        infer_outputs(srv.url, "token_ids", [bad_ids])
 
     # in one dynamic batch (the server waits 100 ms for more requests): the bad request still gets its 400, the
     # good request is scored, and a request with a bad and a good row keeps the good row's step scores
     good = shepherd_texts(2, seed=11)
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(infer, srv.url, "text", rows) for rows in ([no_tag], good, [too_many, good[0]])]
+        futures = [pool.submit(infer_outputs, srv.url, "text", rows) for rows in ([no_tag], good, [too_many, good[0]])]
         with pytest.raises(InferenceServerException, match=r"^\[400\] row 0: no step found") as info:
             futures[0].result()
         assert info.value.status() == "400"
@@ -310,8 +173,9 @@ def qwen_messages(n, seed):
     return out
 
 
+@pytest.mark.server
 def test_qwen_prm_dp2_messages_and_text(tmp_path_factory):
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("qwen"), "Qwen2ForTokenClassification", seed=4, num_labels=2)
+    ckpt = save_prm_checkpoint(tmp_path_factory.mktemp("qwen"), "Qwen2ForTokenClassification", seed=4, num_labels=2)
     srv = start(tmp_path_factory, "qwen_prm", ckpt, tp=1, overrides=["reward.aggregate=product"])
     try:
         tok = load_tokenizer(ckpt)
@@ -323,7 +187,7 @@ def test_qwen_prm_dp2_messages_and_text(tmp_path_factory):
                    "product")
         # the same conversations as text, tokenized like tokenizer(text) (model.add_special_tokens: a second BOS)
         text_requests = split(rendered, [len(r) for r in requests])
-        srv_text = [infer(srv.url, "text", r) for r in text_requests]
+        srv_text = [infer_outputs(srv.url, "text", r) for r in text_requests]
         for out, exp, rows in zip(srv_text, expected, text_requests):
             ids_bos = [tok(t)["input_ids"] for t in rows]
             check(out, ref_token_classification(ckpt, ids_bos, one_id(tok, "<extra_0>")), "product")
@@ -346,8 +210,9 @@ def rlhflow_conversations(n, seed):
     return out
 
 
+@pytest.mark.server
 def test_rlhflow_tp2_matches_one_forward_per_prefix(tmp_path_factory):
-    ckpt = save_checkpoint(tmp_path_factory.mktemp("rlhflow"), "LlamaForCausalLM", seed=5)
+    ckpt = save_prm_checkpoint(tmp_path_factory.mktemp("rlhflow"), "LlamaForCausalLM", seed=5)
     srv = start(tmp_path_factory, "rlhflow", ckpt, tp=2, overrides=["reward.aggregate=last"])
     try:
         tok = load_tokenizer(ckpt)
@@ -397,6 +262,7 @@ def test_bad_reward_config_fails_before_loading():
             check_config(RewardConfig(kind="prm", **bad))
 
 
+@pytest.mark.server
 def test_the_parity_command_says_it_checks_scalar_rewards_only(shepherd):
     srv, ckpt, _ = shepherd
     run = subprocess.run([sys.executable, "-m", "reward_server.check", "--model", str(ckpt), "--url", srv.url],

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_seqcls_checkpoint
+from oracles import save_seqcls_checkpoint, sharing_cases
 from reward_server.loading import quantization
 from reward_server.loading.checkpoint import StartupError
 from reward_server.config import BatchingConfig, ModelConfig
@@ -63,8 +63,6 @@ needs_fp8 = pytest.mark.skipif(not (FP8_GPU and importlib.util.find_spec("torcha
 
 @needs_fp8
 def test_fp8_quantizes_the_decoder_linears_only_and_keeps_the_order(tmp_path):
-    from test_scoring import sharing_cases
-
     path = save_seqcls_checkpoint(tmp_path / "llama")
     gpu = topology(1, 1, torch.device("cuda", 0))
     seqs = [torch.from_numpy(s) for c in sharing_cases(seed=3).values() for s in c]

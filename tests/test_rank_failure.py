@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from conftest import reference_rewards
-from procs import descendants, name, rank_pids, running_server, wait_gone
+from oracles import reference_rewards
+from servers import descendants, name, rank_pids, running_server, wait_gone
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 RESTARTS = 3
 SEQS = [np.arange(4, 4 + n) % 500 + 4 for n in (3, 17, 9, 30, 5, 12)]

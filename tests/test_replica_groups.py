@@ -8,7 +8,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import reference_rewards
+from oracles import reference_rewards
 from reward_server.client import RemoteGPTRMClient
 
 pytestmark = pytest.mark.server

@@ -4,57 +4,19 @@ forward; the trie layout's pieces (scoring/trie.py, scoring/layout.py) against b
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
-from conftest import reference_rewards
+from oracles import TinyPRM, reference_rewards, save_prm_checkpoint, scalar_scorer, sharing_cases
 from reward_server.config import BatchingConfig
 from reward_server.scoring.layout import Layout, micro_batches
-from reward_server.scoring.readout import LastToken, StepScores
-from reward_server.scoring.scorer import build_scorer
 from reward_server.scoring.trie import PrefixIndex, TrieRow, first_fit_decreasing, trie_order
 
 LENGTHS = [1, 5, 300, 17, 100, 2, 512, 64, 511, 3]
 
 
-def sharing_cases(seed=0, vocab=512):
-    """Named lists of sequences: what RL traffic shares, and the edge cases of a trie."""
-    rng = np.random.default_rng(seed)
-
-    def ids(n):
-        return rng.integers(4, vocab, n).astype(np.int64)
-
-    prompt, question = ids(200), ids(60)
-    tree = []
-    for a in range(3):  # a candidate tree 3 levels deep: every node's path is a sequence
-        la = np.concatenate([question, ids(20 + a)])
-        tree.append(la)
-        for b in range(2):
-            lb = np.concatenate([la, ids(15 + b)])
-            tree.append(lb)
-            tree += [np.concatenate([lb, ids(10 + c)]) for c in range(2)]
-    long_prefix = ids(600)
-    base = ids(120)
-    return {
-        "grpo group": [np.concatenate([prompt, ids(n)]) for n in (10, 80, 33, 1, 57, 20)],
-        "tree 3 deep": tree,
-        "prefix of another": [base[:50].copy(), base.copy(), base[:51].copy()],
-        "duplicates": [base.copy(), base.copy(), ids(40), base.copy()],
-        "prefix longer than budget": [np.concatenate([long_prefix, ids(n)]) for n in (5, 30, 12)],
-        "nothing shared": [ids(n) for n in (30, 200, 7, 90)],
-    }
-
-
 @pytest.fixture(scope="module")
 def llama(llama_ckpt):
     return AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-
-
-def scalar_scorer(model, layout="packed", sharing=True, budget=512, row_tokens=0, pooling="last_non_pad"):
-    batching = BatchingConfig(layout=layout, prefix_sharing=sharing, max_tokens_per_forward=budget,
-                              packed_row_tokens=row_tokens)
-    pad = model.config.pad_token_id if pooling == "last_non_pad" else None
-    return build_scorer(model, LastToken(model.score, model.config.num_labels, pad), batching,
-                        model.config.pad_token_id, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- the trie against brute force
@@ -254,41 +216,6 @@ def test_step_scores_for_every_layout_with_tags_in_shared_prefixes(tmp_path_fact
     prm.check(scorer([torch.from_numpy(s) for s in seqs]).numpy(), seqs)
 
 
-class TinyPRM:
-    """A tiny random causal LM read as a math-shepherd-style PRM (softmax over two candidate tokens at each tag),
-    its steps, and the plain forward's step scores to compare with."""
-
-    def __init__(self, path, tag=7, good=11, bad=12, seed=5):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                     initializer_range=0.2, pad_token_id=0)).save_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.tag, self.good, self.bad = tag, good, bad
-        self.rng = np.random.default_rng(seed)
-
-    def steps(self, n):
-        return np.concatenate([np.append(self.rng.integers(20, 500, self.rng.integers(5, 30)), self.tag)
-                               for _ in range(n)])
-
-    def scorer(self, batching):
-        from reward_server.kinds.steps import StepTag
-
-        weight = self.model.lm_head.weight[[self.good, self.bad]]
-        readout = StepScores(lambda h: h @ weight.T, lambda logits: logits.softmax(-1)[:, 0], StepTag([self.tag]))
-        return build_scorer(self.model, readout, batching, 0, torch.device("cpu"))
-
-    def check(self, got, seqs, atol=1e-5):
-        with torch.no_grad():
-            for row, s in zip(got, seqs):
-                logits = self.model(input_ids=torch.as_tensor(s)[None]).logits[0]
-                expected = logits[torch.as_tensor(s) == self.tag][:, [self.good, self.bad]].softmax(-1)[:, 0].numpy()
-                np.testing.assert_allclose(row[:len(expected)], expected, atol=atol, rtol=0)
-                assert (row[len(expected):] == 0).all()
-
-
 def test_all_ones_mask_on_packed_rows_would_leak(llama, llama_ckpt):
     """The trap a packed layout must avoid: with an all-ones attention mask, later sequences attend to earlier ones
     in the row. Our comparisons must catch that."""
@@ -338,13 +265,12 @@ def test_prm_load_and_warm_up_compile_once_per_shape_kind(tmp_path):
     of a PRM server's start-up); after the warm-up, forwards of new lengths and sharing patterns compile nothing new."""
     from torch._dynamo.utils import counters
 
-    from test_prm import save_checkpoint
     from reward_server.config import ModelConfig, RewardConfig
     from reward_server.distributed import Topology
     from reward_server.kinds.prm import load_step_scorer
     from reward_server.scoring.scorer import warm_up
 
-    ckpt = save_checkpoint(tmp_path, "LlamaForCausalLM", seed=3)
+    ckpt = save_prm_checkpoint(tmp_path, "LlamaForCausalLM", seed=3)
     topo = Topology(rank=0, world_size=1, tp_size=1, dp_size=1, device=torch.device("cpu"))
     torch._dynamo.reset()
     counters.clear()

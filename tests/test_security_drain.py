@@ -20,11 +20,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from pytriton.client import ModelClient
 
-from conftest import reference_rewards
-from procs import running_server
+from oracles import reference_rewards
 from reward_server.serving import proxy_status
 from reward_server.serving.service import RewardService
 from reward_server.protocol import Unavailable
+from servers import running_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -91,11 +91,13 @@ def decode_address(hex_address):
     return str(address.ipv4_mapped or address) if address.version == 6 else str(address)
 
 
+@pytest.mark.server
 def test_binds_to_loopback_only(server):
     for port in (server.http_port, server.grpc_port, server.metrics_port):
         assert listening_addresses(port) == {"127.0.0.1"}, port
 
 
+@pytest.mark.server
 def test_protected_endpoints_need_the_access_token(server):
     url = server.url
     assert http(url, "/v2/repository/models/reward/unload", "POST", body=b"{}") == 403
@@ -113,6 +115,7 @@ def test_protected_endpoints_need_the_access_token(server):
         assert b"nv_inference_request_success" in response.read()
 
 
+@pytest.mark.server
 def test_inference_needs_the_inference_token(server, llama_ckpt):
     seq = np.arange(4, 4 + 50)  # longer than model.max_length=32: truncation=left keeps the last 32
     expected = reference_rewards(llama_ckpt, [seq[-MAX_LEN:]])[0]
@@ -139,6 +142,7 @@ def test_inference_needs_the_inference_token(server, llama_ckpt):
     np.testing.assert_allclose(out["rewards"][0], expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.server
 def test_tokens_are_not_logged(server):
     log = server.log()
     assert "ready after" in log
@@ -172,6 +176,7 @@ def raw_infer(url, seq, token=INFER_TOKEN):
         conn.close()
 
 
+@pytest.mark.server
 def test_sigterm_answers_accepted_requests_refuses_new_ones_and_exits_cleanly(server, llama_ckpt):
     seqs = [np.arange(4, 4 + n) for n in (3, 9, 14, 20, 5, 11, 17, 30)]
     expected = reference_rewards(llama_ckpt, seqs)

@@ -4,42 +4,15 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import tritonclient.http as httpclient
 from pytriton.client import ModelClient
 
-from conftest import reference_rewards
+from oracles import mixed_sequences, reference_rewards
+from servers import infer_rewards, score_tokens
 
-pytestmark = pytest.mark.timeout(600)
-
-
-def mixed_sequences(n, seed=0, max_len=512, vocab=512):
-    rng = np.random.default_rng(seed)
-    lengths = np.concatenate([[1, max_len, 2, max_len - 1], rng.integers(1, max_len + 1, n - 4)])
-    return [rng.integers(4, vocab, int(n_tok)).astype(np.int64) for n_tok in lengths]
-
-
-def infer(url, model, name, rows):
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
-    data = np.array([[r] for r in rows], dtype=object)
-    inp = httpclient.InferInput(name, list(data.shape), "BYTES")
-    inp.set_data_from_numpy(data)
-    result = client.infer(model, [inp])
-    errors = result.as_numpy("error")
-    assert all(e[0] == b"" for e in errors), errors
-    return result.as_numpy("rewards")
-
-
-def score_tokens(url, seqs, per_request=5, clients=4):
-    """Split into requests of `per_request` sequences, sent from `clients` threads at once."""
-    chunks = [seqs[i:i + per_request] for i in range(0, len(seqs), per_request)]
-    rows = [[" ".join(map(str, s.tolist())).encode() for s in chunk] for chunk in chunks]
-    with ThreadPoolExecutor(clients) as pool:
-        parts = list(pool.map(lambda r: infer(url, "reward", "token_ids", r), rows))
-    return np.concatenate(parts)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
 
 def tokenize(ckpt, texts):
@@ -58,7 +31,7 @@ def check_server(url, ckpt, n_seqs=40):
     expected = reference_rewards(ckpt, seqs)
     np.testing.assert_allclose(score_tokens(url, seqs), expected, atol=1e-4, rtol=0)
 
-    text_rewards = infer(url, "reward", "text", [t.encode() for t in TEXTS])
+    text_rewards = infer_rewards(url, "reward", "text", [t.encode() for t in TEXTS])
     np.testing.assert_allclose(text_rewards, reference_rewards(ckpt, tokenize(ckpt, TEXTS)), atol=1e-4, rtol=0)
 
     # NeMo-Aligner's contract: tokens right-padded to a fixed length, plus lengths, through PyTriton's client
@@ -115,7 +88,7 @@ def test_qwen2_checkpoint_by_path_and_the_parity_command(start_server, qwen2_ckp
 
 def test_default_model_serves_and_sigterm_exits_cleanly(start_server):
     srv = start_server(2)
-    rewards = infer(srv.url, "reward", "text", [b"hello", b"world"])
+    rewards = infer_rewards(srv.url, "reward", "text", [b"hello", b"world"])
     assert rewards.shape == (2, 1) and np.isfinite(rewards).all()
     start = time.monotonic()
     srv.terminate(timeout=30)
