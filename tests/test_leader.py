@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from oracles import reference_rewards
+from conftest import reference_rewards
 from reward_server import distributed as d
 from reward_server.config import ParallelConfig
 from reward_server.config import BatchingConfig
@@ -170,6 +170,7 @@ def test_unavailable_fails_whole_works_and_a_batch_of_works_is_queued_as_one(top
     assert empty.result(timeout=1).rewards.shape[0] == 0 and empty.result(timeout=1).errors == []
     leader.abort(RanksFailed("reward ranks failed: test"))
     assert all(isinstance(f.exception(timeout=1), RanksFailed) for f in first)
+    assert leader.submit([]).result(timeout=1).errors == []  # nothing to score: answered, never refused
     assert (leader.queued_batches, leader.queued_tokens) == (0, 0)
 
 
@@ -321,7 +322,7 @@ def test_plan_forward_counts_tokens_the_prefix_cache_holds_as_free():
 def test_the_rest_of_a_cached_group_fills_one_forward_and_its_rewards_stay_exact(topo, llama_ckpt):
     """Leader + real scorer with its prefix cache: a group's second half, whose prompt the first half's forward
     computed, fits one forward because the budget counts the cached prompt as free; rewards match transformers."""
-    from oracles import reference_rewards
+    from conftest import reference_rewards
 
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
     scorer = RecordingScorer(packed_scorer(model))

@@ -96,26 +96,28 @@ class Leader:
         `Scored`: a row per sequence, where only a sequence that failed in a forward of its own has an error
         (retry.py). A future fails only with the error of a whole work: Unavailable (shutting down, overloaded,
         ranks failed). The works are queued at once (the main thread takes them together), count as one queued
-        batch, and are refused together. `alone`: each work in forwards of its own."""
+        batch, and are refused together; a work without sequences is answered at once. `alone`: each work in
+        forwards of its own."""
         futures: List[Future] = [Future() for _ in batch]
         works = [Work(seqs, fut, alone) for seqs, fut in zip(batch, futures) if seqs]
         n_tokens = sum(w.n_tokens for w in works)
+        for seqs, fut in zip(batch, futures):
+            if not seqs:  # nothing to score (a request whose every row failed its checks): answered as it is
+                fut.set_result(Scored.of([], []))
+        if not works:
+            return futures
         with self._lock:
             refusal: Optional[BaseException] = None
             if self._closed.is_set():
                 refusal = self._refusal or ShuttingDown("the reward server is shutting down; retry")
-            elif works and self.max_queued_tokens and self.queued_tokens and \
+            elif self.max_queued_tokens and self.queued_tokens and \
                     self.queued_tokens + n_tokens > self.max_queued_tokens:
                 refusal = Overloaded(f"the reward server is overloaded ({self.queued_tokens} tokens queued, limit "
                                      f"{self.max_queued_tokens}); retry later")
             if refusal is not None:
-                for fut in futures:
-                    fut.set_exception(refusal)
-                return futures
-            for seqs, fut in zip(batch, futures):
-                if not seqs:
-                    fut.set_result(Scored.of([], []))
-            if works:
+                for w in works:
+                    w.fut.set_exception(refusal)
+            else:
                 self.queued_batches += 1
                 self.queued_tokens += n_tokens
                 left = [len(works)]  # works of this batch not answered yet
