@@ -130,6 +130,11 @@ class Server:
             time.sleep(0.5)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()[-5000:]}")
 
+    def restarts(self) -> int:
+        """How many times torchrun has restarted the group so far (rank 0 logs each restart)."""
+        done = re.findall(r"restarted by torchrun: restart (\d+) of at most", self.log())
+        return max(map(int, done), default=0)
+
     def terminate(self, timeout=30.0) -> int:
         """SIGTERM to the launcher, as a user's Ctrl-C or a scheduler would; returns torchrun's exit code."""
         if self.proc.poll() is None:

@@ -4,7 +4,9 @@ torchrun exits non-zero. A rank that hangs instead is caught after parallel.time
 gloo's own collective timeout), and rank 0 SIGKILLs it rather than wait for torchrun's 30 s grace.
 
 One torchrun for the module (2 data-parallel ranks, --max-restarts=3); the tests run in order and each leaves it
-restarting. Every forward sleeps 1 s (fault_injection.forward_delay_s) so that requests are surely in flight.
+restarting. Each expects the restart after the ones its server's log shows, and the last one first spends any
+restart left, so that every test also passes alone. Every forward sleeps 1 s (fault_injection.forward_delay_s) so
+that requests are surely in flight.
 """
 
 import contextlib
@@ -83,36 +85,56 @@ def fail_while_busy(srv, fail, exit_within=60.0):
     return errors, ranks
 
 
+def restarts_so_far(srv) -> int:
+    """Once the server serves: how many restarts torchrun has made (the tests before this one, if they ran)."""
+    srv.wait_ready(("reward", "reward_model"))
+    return srv.restarts()
+
+
 def restarted_and_serving(srv, restarts_done):
     srv.wait_ready(("reward", "reward_model"))
     assert f"restarted by torchrun: restart {restarts_done} of at most {RESTARTS}" in srv.log()
     np.testing.assert_allclose(score(srv.url, SEQS[1]), srv.expected[1], atol=1e-4, rtol=0)
 
 
+def spend_restarts(srv):
+    """SIGKILL rank 1 until torchrun has no restart left (what the module's earlier tests leave, when they run)."""
+    while (done := restarts_so_far(srv)) < RESTARTS:
+        os.kill(rank_pids(srv.proc.pid)[1], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while srv.restarts() == done:
+            assert srv.proc.poll() is None and time.monotonic() < deadline, srv.log()[-3000:]
+            time.sleep(0.5)
+
+
 def test_subscriber_killed(server):
+    before = restarts_so_far(server)
     errors, _ = fail_while_busy(server, lambda ranks: os.kill(ranks[1], signal.SIGKILL), exit_within=10)
     messages = [str(e) for e in errors]
     assert all(m.startswith("[503] reward ranks failed") for m in messages), messages
     assert not any(".py" in m or ".cc" in m for m in messages), messages  # no server paths
-    restarted_and_serving(server, 1)
+    restarted_and_serving(server, before + 1)
 
 
 def test_rank0_killed_takes_tritonserver_with_it(server):
+    before = restarts_so_far(server)
     _, ranks = fail_while_busy(server, lambda ranks: os.kill(ranks[0], signal.SIGKILL))
     assert not glob.glob(f"/dev/shm/pytrtion{ranks[0]}-*")  # the reaper removed its shared memory
-    restarted_and_serving(server, 2)
+    restarted_and_serving(server, before + 1)
 
 
 def test_out_of_memory_on_one_rank(server):
+    before = restarts_so_far(server)
     errors, _ = fail_while_busy(server, lambda ranks: server.oom_file.touch())
     assert any("fatal error (out of memory?)" in str(e) for e in errors), errors
     assert "injected by fault_injection.oom_file on rank 1" in server.log()
-    restarted_and_serving(server, 3)
+    restarted_and_serving(server, before + 1)
 
 
 def test_stuck_rank_times_out_and_torchrun_exits_nonzero_when_restarts_are_spent(server):
     """A rank that hangs (SIGSTOP) instead of dying: after parallel.timeout_s (10 s here) the requests get a 503,
     rank 0 SIGKILLs the stuck rank and exits: gone within timeout_s + 10 s. This fourth failure ends torchrun."""
+    spend_restarts(server)
     stopped, at = [], []
 
     def stop(ranks):
