@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import reference_rewards
+from oracles import reference_rewards
 from reward_server import distributed as d
 from reward_server.config import ParallelConfig
 from reward_server.config import BatchingConfig
@@ -322,7 +322,7 @@ def test_plan_forward_counts_tokens_the_prefix_cache_holds_as_free():
 def test_the_rest_of_a_cached_group_fills_one_forward_and_its_rewards_stay_exact(topo, llama_ckpt):
     """Leader + real scorer with its prefix cache: a group's second half, whose prompt the first half's forward
     computed, fits one forward because the budget counts the cached prompt as free; rewards match transformers."""
-    from conftest import reference_rewards
+    from oracles import reference_rewards
 
     model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
     scorer = RecordingScorer(packed_scorer(model))
