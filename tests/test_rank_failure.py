@@ -21,12 +21,14 @@ import pytest
 import tritonclient.http as httpclient
 
 from oracles import reference_rewards
+from reward_server.protocol import RANKS_FAILED, UNAVAILABLE, error_token
 from servers import descendants, name, rank_pids, running_server, wait_gone
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(900)]
 
 RESTARTS = 3
 SEQS = [np.arange(4, 4 + n) % 500 + 4 for n in (3, 17, 9, 30, 5, 12)]
+RANKS_FAILED_503 = f"[503] {error_token(UNAVAILABLE, RANKS_FAILED)} reward ranks failed"  # what the client sees
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,7 @@ def test_subscriber_killed(server):
     before = restarts_so_far(server)
     errors, _ = fail_while_busy(server, lambda ranks: os.kill(ranks[1], signal.SIGKILL), exit_within=10)
     messages = [str(e) for e in errors]
-    assert all(m.startswith("[503] reward ranks failed") for m in messages), messages
+    assert all(m.startswith(RANKS_FAILED_503) for m in messages), messages
     assert not any(".py" in m or ".cc" in m for m in messages), messages  # no server paths
     restarted_and_serving(server, before + 1)
 
@@ -144,7 +146,7 @@ def test_stuck_rank_times_out_and_torchrun_exits_nonzero_when_restarts_are_spent
 
     try:
         errors, _ = fail_while_busy(server, stop, exit_within=20)
-        assert all(str(e).startswith("[503] reward ranks failed") for e in errors), errors
+        assert all(str(e).startswith(RANKS_FAILED_503) for e in errors), errors
         assert server.proc.wait(timeout=60) != 0
     finally:
         for pid in stopped:  # never leave a stopped process behind
