@@ -125,6 +125,10 @@ class RequestDecoder:
     def texts(self, texts: List[Union[str, InputError]]) -> List[Row]:
         return self._tokenized(texts, self.add_special_tokens)
 
+    def text_rows(self, raw: List[bytes]) -> List[Row]:
+        """UTF-8 texts as one request's rows, with the `text` input's checks and limits (OpenRLHF's queries)."""
+        return self.texts(self._strings(raw))
+
     def conversations(self, column: np.ndarray) -> List[Row]:
         def render(text: str, row: int) -> str:
             try:

@@ -8,8 +8,8 @@ before tokenizing; `server.openrlhf_eos=strip_and_append` (default) does the sam
 (serve_rm's `str.strip(token)` removes any of the token's characters, which can eat the end of the text);
 `as_is` tokenizes the query as sent.
 
-The queries go through the same RewardService as Triton's `reward` model (same checks, limits, tokenizer,
-engine batching and prefix sharing). Answers:
+The queries are one request's rows (ScoreRequest) for the same RewardService as Triton's `reward` model (same
+checks, limits, tokenizer, engine batching and prefix sharing). Answers:
   200 {"rewards": [r, ...], "scores": [r, ...], "extra_logs": {}, "errors": ["", ...]}
       a query that fails its checks gets NaN (json.dumps writes NaN, which Python's json and requests read,
       and torch.tensor takes) and its reason in "errors"; a multi-label model gives a list per query
@@ -25,10 +25,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-import numpy as np
-
-from ..protocol import HTTP_STATUS
-from . import proxy_status
+from ..protocol import HTTP_STATUS, code_of
+from .requests import ScoreRequest, ScoreResult
+from .statuses import error_text, row_text
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +120,17 @@ class OpenRLHFEndpoint:
             queries = parse(await request.read())
         except BadRequest as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        texts = [openrlhf_text(q, self.pad, self.eos) for q in queries]
-        column = np.array([[t.encode("utf-8", "surrogatepass")] for t in texts], dtype=object)
-        loop = asyncio.get_running_loop()
-        answer = (await loop.run_in_executor(self._workers, self.service.infer_openrlhf, [{"text": column}]))[0]
-        failed = proxy_status.status_of(answer)
-        if failed is not None:
-            code, message = failed
-            return web.json_response({"error": message}, status=HTTP_STATUS.get(code, 500))
-        rewards = answer["rewards"]
+        raw = [openrlhf_text(q, self.pad, self.eos).encode("utf-8", "surrogatepass") for q in queries]
+        result = await asyncio.get_running_loop().run_in_executor(self._workers, self.score, raw)
+        if result.error is not None:
+            return web.json_response({"error": error_text(result.error)}, status=HTTP_STATUS[code_of(result.error)])
+        rewards = result.rewards()
         values = rewards[:, 0].tolist() if rewards.shape[1] == 1 else rewards.tolist()
-        errors = [bytes(e).decode("utf-8", "replace") for e in answer["error"].reshape(-1)]
+        errors = [row_text(i, e) if e is not None else "" for i, e in enumerate(result.errors)]
         return web.json_response({"rewards": values, "scores": values, "extra_logs": {}, "errors": errors})
+
+    def score(self, raw: List[bytes]) -> ScoreResult:
+        """One request of UTF-8 queries, on a worker thread. Never in Triton's queue: refused once draining."""
+        admit, refusal = self.service.admission.admit([None], "openrlhf")
+        request = ScoreRequest.decoded(self.service.decoder.text_rows, raw) if admit[0] else ScoreRequest(error=refusal)
+        return self.service.score(request)

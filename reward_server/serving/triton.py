@@ -1,5 +1,5 @@
-"""Rank 0's Triton binding: the PyTriton models whose infer functions hand requests to the service, their
-ports, and the tokens that protect them.
+"""Rank 0's Triton binding: the PyTriton models whose infer functions (triton_infer.py) hand requests to the
+service, their ports, and the tokens that protect them.
 
 Two models share one service:
   server.model_name      (default "reward")        native contract, see inputs.py
@@ -24,6 +24,7 @@ from ..engine import ShuttingDown
 from . import triton_patches
 from .inputs import MAX_REASON_CHARS
 from .service import RewardService
+from .triton_infer import TritonInfer
 
 log = logging.getLogger("reward_server.server")
 
@@ -189,10 +190,11 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
     )
     outputs = [Tensor(name=n, dtype=t, shape=shape) for n, t, shape in service.outputs.specs]
     outputs.append(Tensor(name="error", dtype=bytes, shape=(1,)))
+    infer = TritonInfer(service)
     triton_patches.install()
     triton.bind(
         model_name=s.model_name,
-        infer_func=[service.infer_native] * instances,
+        infer_func=[infer.native] * instances,
         inputs=[Tensor(name=n, dtype=bytes, shape=(1,), optional=True) for n in ("text", "messages", "token_ids")],
         outputs=outputs,
         config=model_config,
@@ -201,7 +203,7 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
     if s.nemo_model_name:
         triton.bind(
             model_name=s.nemo_model_name,
-            infer_func=[service.infer_nemo] * instances,
+            infer_func=[infer.nemo] * instances,
             inputs=[
                 Tensor(name="sentences", dtype=bytes, shape=(-1,), optional=True),
                 Tensor(name="tokens", dtype=np.int64, shape=(-1,), optional=True),
