@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from oracles import load_tokenizer, reference_rewards, save_prm_checkpoint, shepherd_reference, shepherd_texts
+from oracles import reference_rewards
 from servers import REPO, Server, free_port, rank_pids
 from reward_server.client import (RemoteGPTRMClient, RewardInputError, RewardServerError, RewardServerUnavailable,
                                   RewardTimeout)
@@ -233,23 +233,3 @@ def test_imports_without_torch_and_an_unclosed_client_does_not_hold_exit():
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
         assert time.monotonic() - start < 20
-
-
-def test_process_reward_model_step_rewards_through_the_client(start_server, tmp_path):
-    ckpt = save_prm_checkpoint(tmp_path / "shepherd", "MistralForCausalLM", seed=3)
-    srv = start_server(2, ["reward=math_shepherd", f"model.path={ckpt}", "parallel.tensor_parallel_size=2",
-                           "batching.max_batch_size=4", "reward.max_steps=8"], models=("reward", "reward_model"))
-    tok = load_tokenizer(ckpt)
-    texts = shepherd_texts(11, seed=5)
-    ids = [tok(t)["input_ids"] for t in texts]
-    expected = shepherd_reference(ckpt, tok, ids)
-    with RemoteGPTRMClient(srv.url) as client:
-        handle = client.infer_rm(texts)  # 3 requests of at most 4
-        steps = handle.step_rewards()
-        assert [len(s) for s in steps] == [len(e) for e in expected]
-        for got, want in zip(steps, expected):
-            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(handle.result()[:, 0], [e.min() for e in expected], atol=1e-5, rtol=0)
-        torch_steps = client.infer_rm([torch.tensor(i) for i in ids]).step_rewards()
-        assert all(isinstance(s, torch.Tensor) for s in torch_steps)
-        np.testing.assert_allclose(torch.cat(torch_steps).numpy(), np.concatenate(expected), atol=1e-5, rtol=0)

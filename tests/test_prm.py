@@ -11,11 +11,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from pytriton.client import ModelClient
 from tritonclient.utils import InferenceServerException
 
 from oracles import (TAG, load_tokenizer, one_id, ref_rlhflow, ref_token_classification, save_prm_checkpoint,
                      shepherd_reference, shepherd_texts)
+from reward_server.client import RemoteGPTRMClient
 from servers import Server, infer_outputs
 
 pytestmark = pytest.mark.timeout(600)
@@ -158,6 +160,26 @@ def test_no_step_or_too_many_steps_is_a_row_error(shepherd):
     assert np.isnan(mixed["rewards"][0]).all() and np.isnan(mixed["step_rewards"][0]).all()
     assert mixed["num_steps"][0, 0] == 0 and mixed["num_steps"][1, 0] == len(expected[0])
     np.testing.assert_allclose(mixed["step_rewards"][1, :len(expected[0])], expected[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.server
+def test_step_rewards_through_the_client(shepherd):
+    """RemoteGPTRMClient against a PRM: each sequence's step rewards (numpy, or torch for torch input) and its
+    reward, their minimum; a call of 11 sequences goes as 3 requests of at most 4."""
+    srv, ckpt, tok = shepherd
+    texts = shepherd_texts(11, seed=5)
+    ids = [tok(t)["input_ids"] for t in texts]
+    expected = shepherd_reference(ckpt, tok, ids)
+    with RemoteGPTRMClient(srv.url, max_batch_size=4) as client:
+        handle = client.infer_rm(texts)  # 3 requests of at most 4
+        steps = handle.step_rewards()
+        assert [len(s) for s in steps] == [len(e) for e in expected]
+        for got, want in zip(steps, expected):
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(handle.result()[:, 0], [e.min() for e in expected], atol=1e-5, rtol=0)
+        torch_steps = client.infer_rm([torch.tensor(i) for i in ids]).step_rewards()
+        assert all(isinstance(s, torch.Tensor) for s in torch_steps)
+        np.testing.assert_allclose(torch.cat(torch_steps).numpy(), np.concatenate(expected), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- Qwen2.5-Math-PRM style: token classification, DP=2
