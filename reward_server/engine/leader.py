@@ -66,6 +66,7 @@ class Leader:
         self.overlap = overlap  # launch the next forward before reading back the current one's rewards
         self.max_queued_tokens = max_queued_tokens  # 0: unbounded
         self.queued_batches = self.queued_tokens = 0  # submitted (one per submit_batch) and not answered yet
+        self.peak_queued_tokens = 0  # the most queued_tokens has been
         cache = getattr(getattr(engine, "scorer", None), "cache", None)  # rank 0's replica's prefix cache, or None
         self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, cache)
         # the budget counts tokens held by the prefix cache as free where rank 0 knows them: with one replica its
@@ -95,35 +96,41 @@ class Leader:
         """A future per work (one request's sequences) of `batch` (one Triton batch), each completed with a
         `Scored`: a row per sequence, where only a sequence that failed in a forward of its own has an error
         (retry.py). A future fails only with the error of a whole work: Unavailable (shutting down, overloaded,
-        ranks failed). The works are queued at once (the main thread takes them together), count as one queued
-        batch, and are refused together; a work without sequences is answered at once. `alone`: each work in
-        forwards of its own."""
+        ranks failed). The admitted works are queued at once (the main thread takes them together) and count as
+        one queued batch; a work without sequences is answered at once. Each work is admitted on its own: it is
+        refused as overloaded when the tokens queued with it would pass max_queued_tokens, unless nothing is
+        queued (a request alone is never refused for its size), so the queue never holds more than the limit or
+        one request. `alone`: each work in forwards of its own."""
         futures: List[Future] = [Future() for _ in batch]
         works = [Work(seqs, fut, alone) for seqs, fut in zip(batch, futures) if seqs]
-        n_tokens = sum(w.n_tokens for w in works)
         for seqs, fut in zip(batch, futures):
             if not seqs:  # nothing to score (a request whose every row failed its checks): answered as it is
                 fut.set_result(Scored.of([], []))
         if not works:
             return futures
         with self._lock:
-            refusal: Optional[BaseException] = None
             if self._closed.is_set():
                 refusal = self._refusal or ShuttingDown("the reward server is shutting down; retry")
-            elif self.max_queued_tokens and self.queued_tokens and \
-                    self.queued_tokens + n_tokens > self.max_queued_tokens:
-                refusal = Overloaded(f"the reward server is overloaded ({self.queued_tokens} tokens queued, limit "
-                                     f"{self.max_queued_tokens}); retry later")
-            if refusal is not None:
                 for w in works:
                     w.fut.set_exception(refusal)
-            else:
+                return futures
+            admitted = []
+            for w in works:
+                queued = self.queued_tokens + sum(a.n_tokens for a in admitted)
+                if self.max_queued_tokens and queued and queued + w.n_tokens > self.max_queued_tokens:
+                    w.fut.set_exception(Overloaded(
+                        f"the reward server is overloaded ({queued} tokens queued, limit {self.max_queued_tokens}); "
+                        "retry later"))
+                else:
+                    admitted.append(w)
+            if admitted:
                 self.queued_batches += 1
-                self.queued_tokens += n_tokens
-                left = [len(works)]  # works of this batch not answered yet
-                for w in works:
+                self.queued_tokens += sum(w.n_tokens for w in admitted)
+                self.peak_queued_tokens = max(self.peak_queued_tokens, self.queued_tokens)
+                left = [len(admitted)]  # works of this batch not answered yet
+                for w in admitted:
                     w.fut.add_done_callback(partial(self._dequeued, w.n_tokens, left))
-                self._queue.put(works)
+                self._queue.put(admitted)
         return futures
 
     def _dequeued(self, n_tokens: int, left: List[int], _fut: Future) -> None:

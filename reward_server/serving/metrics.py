@@ -54,6 +54,8 @@ class Metrics:
                                      registry=r)
         self.queued_tokens = Gauge("reward_server_queue_tokens", "Tokens of the requests at rank 0 not answered yet",
                                    registry=r)
+        self.peak_queued_tokens = Gauge("reward_server_queue_tokens_peak", "The most tokens queued at rank 0 so far "
+                                        "(batching.max_queued_tokens bounds it, or one request alone)", registry=r)
         self.forwards = Counter("reward_server_forwards", "Forwards run", registry=r)
         self.sequences = Counter("reward_server_sequences", "Sequences scored", registry=r)
         self.received = Counter("reward_server_tokens_received", "Tokens of the scored sequences", registry=r)
@@ -66,10 +68,23 @@ class Metrics:
                               buckets=FILL_BUCKETS, registry=r)
         self.errors = Counter("reward_server_errors", "Failed requests and rows, by kind: input (HTTP 400 or a row's "
                               "error), unavailable (503), internal (500)", ["kind"], registry=r)
+        # model.quantization's start-up fidelity gate (loading/fidelity_gate.py), per label: quantized vs unquantized
+        self.fidelity = {key: Gauge(f"reward_server_quantization_{name}", f"{what}, quantized vs unquantized rewards "
+                                    "of the start-up calibration sample (worst rank)", ["label"], registry=r)
+                         for key, name, what in (("spearman", "spearman", "Spearman's rank correlation"),
+                                                 ("pair_agreement", "pairs_alike", "Share of pairs ordered alike"),
+                                                 ("max_abs_diff", "max_abs_diff", "Largest |difference|"),
+                                                 ("mean_abs_diff", "mean_abs_diff", "Mean |difference|"))}
+
+    def quantization_fidelity(self, labels: dict) -> None:
+        for label, figures in labels.items():
+            for key, gauge in self.fidelity.items():
+                gauge.labels(label).set(figures[key])
 
     def watch_queue(self, leader) -> None:
         self.queued_batches.set_function(lambda: leader.queued_batches)
         self.queued_tokens.set_function(lambda: leader.queued_tokens)
+        self.peak_queued_tokens.set_function(lambda: leader.peak_queued_tokens)
 
     def forward(self, n_seqs: int, n_tokens: int, n_computed: int, budget: int) -> None:
         self.forwards.inc()
