@@ -10,13 +10,15 @@ import time
 from . import distributed as d
 from . import faults
 from .config import ModelInfo, ServeConfig, resolve
-from .engine import Engine, Leader, ShuttingDown, run_subscriber
+from .engine import Engine, Leader, run_subscriber
 from .kinds import kind_of
+from .loading import fidelity_gate, quantization
 from .loading.checkpoint import StartupError
 from .scoring.affinity import ReplicaAffinity
 from .scoring.scorer import warm_up
 from .serving import lifecycle
 from .serving.inputs import SequenceRules
+from .serving.drain import drain_then_stop
 from .serving.metrics import Metrics
 from .serving.openrlhf import OpenRLHFEndpoint
 from .serving.service import RewardService
@@ -26,8 +28,6 @@ from .serving.watchdog import Watchdog
 
 log = logging.getLogger("reward_server")
 
-STUB_HANDOFF_S = 1.0  # while draining: more than Triton ever takes to hand a dequeued batch to its Python stub
-DRAIN_POLL_S = 0.05  # while draining: how often to look whether every accepted request was answered
 
 
 def exit_with_launcher() -> None:
@@ -47,6 +47,7 @@ def serve(cfg: ServeConfig) -> int:
     kind = kind_of(cfg.reward.kind)
     topo = d.init_distributed(cfg.parallel)
     inference_token = resolve_inference_token(cfg) if topo.is_leader else None  # fail before the long load
+    quantization.use_stand_in(cfg.fault_injection.quantization_noise)  # TEST ONLY; 0: torchao
     try:
         scorer, tokenizer, model_config = kind.load(cfg, topo)
     except StartupError as exc:  # what to change, in one line; every rank finds the same
@@ -56,6 +57,15 @@ def serve(cfg: ServeConfig) -> int:
     # every "auto" setting, by the rules in config/resolve.py (the loader applied the same rules for its own)
     r = resolve(cfg, topo.device.type, topo.tp_size, topo.dp_size, ModelInfo.of(model_config, type(scorer.backbone)),
                 rank=topo.rank)
+    gate = None
+    if cfg.model.quantization:  # the fidelity gate: the same sample, figures and verdict on every rank
+        try:
+            gate = fidelity_gate.run(scorer, tokenizer, cfg.model, topo.device, cfg.batching.max_tokens_per_forward,
+                                     r.max_length, model_config.vocab_size, topo.is_leader)
+        except StartupError as exc:
+            if topo.is_leader:
+                log.error("cannot start: %s", exc)
+            return 2
     attn = model_config._attn_implementation
     if r.warmup:
         start = time.monotonic()
@@ -90,6 +100,8 @@ def serve(cfg: ServeConfig) -> int:
                           r.max_request_bytes)
     budget = cfg.batching.max_tokens_per_forward * topo.dp_size
     metrics = Metrics()
+    if gate is not None:
+        metrics.quantization_fidelity(gate["labels"])
     leader = Leader(engine, cfg.parallel.heartbeat_s, budget, r.overlap, cfg.server.stats_log_s, layout.sharing,
                     layout.min_shared, r.max_queued_tokens, metrics)
     metrics.watch_queue(leader)
@@ -106,6 +118,7 @@ def serve(cfg: ServeConfig) -> int:
         OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
                          cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER).start()
     log.info(ready_line(cfg, time.monotonic() - started))
+    lifecycle.write_pid()  # for the reward-server launcher, which stops the server through rank 0
     draining = threading.Event()
 
     def drain(signum, _frame):
@@ -116,25 +129,9 @@ def serve(cfg: ServeConfig) -> int:
         draining.set()
         log.info("signal %d: draining and shutting down", signum)
 
-        def stop():
-            # new requests get 503 at once, while Triton still answers them; those already accepted (with us, or
-            # waiting in Triton's queue) are scored
-            queued = metrics.triton_queued()
-            service.admission.drain(ShuttingDown("the reward server is shutting down; retry"),
-                          {"native": queued.get(cfg.server.model_name, 0),
-                           "nemo": queued.get(cfg.server.nemo_model_name, 0)},
-                          dequeued_before=time.monotonic() + STUB_HANDOFF_S)
-            log.info("draining: %d request(s) waiting in Triton's queue, %d batch(es) at rank 0",
-                     sum(queued.values()), leader.queued_batches)
-            deadline = time.monotonic() + cfg.server.drain_timeout_s
-            while (leader.queued_batches or service.admission.admitting()) and time.monotonic() < deadline:
-                time.sleep(DRAIN_POLL_S)
-            time.sleep(cfg.server.drain_refuse_s)  # clients sending now get a clear 503, not a reset from Triton's stop
-            log.info("drained: requests admitted after the signal: %d on their way from Triton, %d from its queue; "
-                     "%d refused", service.admission.drained["in flight"], service.admission.drained["queued"], service.admission.drained["refused"])
-            triton.stop()  # waits for requests still in flight
-            leader.close()
-        threading.Thread(target=stop, name="shutdown", daemon=True).start()
+        signalled = time.monotonic()
+        threading.Thread(target=drain_then_stop, args=(cfg.server, service, leader, metrics, triton, signalled),
+                         name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)

@@ -9,13 +9,20 @@ an option given without "=" (`--nproc_per_node 2`); `--nproc N` is short for `--
 argument is an override of the server's config (key=value, docs/configuration.md). The config is checked first,
 with the world size torchrun will start when the options give it (--nnodes x --nproc_per_node): a setting that
 cannot work prints one line `cannot start: <key>=<value>: <what to change>` and exits 2, before torchrun starts
-(so without torchrun's failure report). Then torchrun replaces this process: `python -m torch.distributed.run
-[torchrun options] -m reward_server.cli [overrides]`, whose ranks check the config again (cheap) and serve.
-Without --nproc_per_node torchrun starts one rank.
+(so without torchrun's failure report). Then it runs `python -m torch.distributed.run [torchrun options] -m
+reward_server.cli [overrides]`, whose ranks check the config again (cheap) and serve. Without --nproc_per_node
+torchrun starts one rank.
+
+Stopping: SIGTERM or Ctrl-C to this process goes to rank 0 once it is ready (it writes its pid to the file named by
+$REWARD_SERVER_PID_FILE): rank 0 drains, the ranks leave, and torchrun and this process exit 0 without torchrun's
+SignalException report. Before rank 0 is ready the signal goes to torchrun, which stops its ranks.
 """
 
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 from typing import List, Optional, Tuple
 
 ALIASES = {"--nproc": "--nproc_per_node"}
@@ -82,9 +89,44 @@ def main(argv: Optional[List[str]] = None) -> None:
     if problem:
         print(problem, file=sys.stderr, flush=True)
         sys.exit(EXIT_CONFIG)
-    command = torchrun_command(argv)
+    sys.exit(run(torchrun_command(argv), env))
+
+
+def _die_with_parent() -> None:  # in torchrun's process: SIGTERM when this launcher dies (even by SIGKILL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run(command: List[str], env: dict) -> int:
+    """torchrun in a session of its own (a terminal's Ctrl-C reaches this process only), stopped through rank 0."""
+    from .serving.lifecycle import PID_FILE_ENV
+
+    fd, pid_file = tempfile.mkstemp(prefix="reward-server-", suffix=".pid")
+    os.close(fd)
+    env = {**env, PID_FILE_ENV: pid_file}
+    env.pop("WORLD_SIZE", None)
     sys.stdout.flush()
-    os.execv(command[0], command)
+    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def forward(signum, _frame):
+        try:
+            with open(pid_file) as f:
+                rank0 = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            rank0 = 0
+        try:
+            os.kill(rank0, signum) if rank0 else proc.send_signal(signum)
+        except ProcessLookupError:  # rank 0 gone already (a restart is starting it again): torchrun stops
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        return proc.wait()
+    finally:
+        os.unlink(pid_file)
 
 
 if __name__ == "__main__":

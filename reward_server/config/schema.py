@@ -8,6 +8,7 @@ from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from .fidelity import QUANTIZED_PAIRS, QUANTIZED_SPEARMAN
 from .choices import Aggregate, Attention, Backend, BatchLayout, DType, OpenRLHFEos, Pooling, Quantization, RewardKind, StepScore, StepTagSource, Truncation
 
 log = logging.getLogger("reward_server.config")
@@ -75,10 +76,18 @@ class ModelConfig:
         "combined (TP x DP, not measured). Compilation happens during the start-up warm-up (batching.warmup), tens of "
         "seconds.")
     quantization: Optional[Quantization] = setting(
-        None, "fp8: the decoder layers' linear layers in FP8 (e4m3; per-row weight scales, activations scaled per "
-        "token on the fly) through torchao, on GPUs with FP8 tensor cores (Ada, Hopper), one GPU per replica, bf16 "
-        "weights. Embeddings, norms, attention and the head stay in bf16. Faster, and less exact than bf16: check "
-        "the ranking of your own data with `python -m reward_server.check` (README, FP8). null: the model's dtype.")
+        None, "Decoder linear layers in FP8 (torchao; FP8 GPUs, one per replica, bf16 weights). fp8: every one, "
+        "scales per weight row and token; fp8_tensor: per tensor; fp8_mlp: the MLP's only; fp8_skip_ends, "
+        "fp8_mlp_skip_ends: first and last layers kept bf16. Gated at start-up (quantization_min_spearman).")
+    quantization_min_spearman: float = setting(
+        QUANTIZED_SPEARMAN, "With model.quantization the start-up fidelity gate scores a calibration sample "
+        "unquantized and quantized on every rank, logs and exports (reward_server_quantization_*) Spearman, pairs "
+        "ordered alike and max / mean |diff| per label, and refuses to start unless every label has Spearman >= this "
+        "and pairs >= quantization_min_pairs (check --quantized's rule). -1 and 0: never refuse. docs/performance.md")
+    quantization_min_pairs: float = setting(QUANTIZED_PAIRS, "See quantization_min_spearman.")
+    calibration_path: Optional[str] = setting(
+        None, "The fidelity gate's sample: texts one per line or a perf_analyzer file of token_ids (check --texts / "
+        "--inputs), its first 256 (64 at least). null: 256 built-in texts (loading/fidelity_gate.py).")
     cache_dir: str = setting(
         "~/.cache/reward_server", "Where the embedded default model (model.path=null) is built on first use.")
     default: DefaultModelConfig = setting(doc="The embedded default model's shape.", factory=DefaultModelConfig)
@@ -206,6 +215,10 @@ class ServerConfig:
     drain_refuse_s: float = setting(
         1.0, "SIGTERM: once the accepted requests are answered, keep answering new ones with 503 this long before "
         "Triton stops (while Triton stops, a request can meet a reset; after it, its port refuses connections).")
+    triton_exit_timeout_s: int = setting(
+        2, "SIGTERM: once the drain is done (every accepted request answered, then drain_refuse_s of refusals), how "
+        "long Triton may take to stop. It waits for the requests in flight, and under steady load new ones (refused "
+        "at once) keep coming, so without a short limit it would wait out drain_timeout_s.")
     port_wait_s: float = setting(
         60.0, "At start-up (e.g. a torchrun restart) wait this long for a previous server to release the ports.")
     start_attempts: int = setting(
@@ -273,6 +286,8 @@ class FaultInjectionConfig:
         "slipped past the checks.")
     forward_delay_s: float = setting(
         0.0, "Every forward sleeps this long first, so that requests are in flight when a test sends SIGTERM.")
+    quantization_noise: float = setting(0.0, "With model.quantization: instead of torchao, each weight the recipe "
+                                        "picks times (1 + this x N(0, 1)), seeded, on any device. 0: off.")
 
 
 @dataclass

@@ -164,6 +164,7 @@ def problems(cfg: ServeConfig, env: Optional[Mapping[str, str]] = None) -> List[
     need(s.metrics_scrape_timeout_s > 0, "server.metrics_scrape_timeout_s", "must be positive (seconds)")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative (seconds)")
     need(s.drain_refuse_s >= 0, "server.drain_refuse_s", "must not be negative (seconds)")
+    need(s.triton_exit_timeout_s >= 0, "server.triton_exit_timeout_s", "must not be negative (seconds)")
     need(s.port_wait_s >= 0, "server.port_wait_s", "must not be negative (seconds)")
     need(s.start_attempts >= 1, "server.start_attempts", "must be at least 1")
     need(s.log_verbose >= 0, "server.log_verbose", "must not be negative")
@@ -182,14 +183,24 @@ def problems(cfg: ServeConfig, env: Optional[Mapping[str, str]] = None) -> List[
         need(False, "parallel.tensor_parallel_size",
              f"must divide the world size {world} (torchrun's --nnodes x --nproc_per_node); start a multiple of "
              f"{tp} ranks or pick a divisor of {world}")
-    # model.quantization=fp8 (the device-dependent checks run at load: reward_server/loading/quantization.py)
-    if m.quantization == "fp8":
-        need(tp == 1, "model.quantization", f"fp8 is not supported with tensor parallelism "
+    # model.quantization (the device-dependent checks run at load: reward_server/loading/quantization.py), its gate
+    q = show(m.quantization)
+    if m.quantization:
+        need(tp == 1, "model.quantization", f"{q} is not supported with tensor parallelism "
              f"(parallel.tensor_parallel_size={tp}); use data parallelism (one GPU per replica)")
-        need(m.dtype in ("auto", "bfloat16"), "model.quantization",
-             f"fp8 quantizes from bfloat16 weights; set model.dtype=bfloat16 (or auto), not {show(m.dtype)}")
-        need(p.backend != "gloo", "model.quantization",
-             "fp8 needs a CUDA GPU with FP8 tensor cores; parallel.backend=gloo runs on the CPU")
+        need(m.dtype in ("auto", "bfloat16") or f.quantization_noise > 0, "model.quantization",
+             f"{q} quantizes from bfloat16 weights; set model.dtype=bfloat16 (or auto), not {show(m.dtype)}")
+        need(p.backend != "gloo" or f.quantization_noise > 0, "model.quantization",
+             f"{q} needs a CUDA GPU with FP8 tensor cores; parallel.backend=gloo runs on the CPU")
+    need(-1 <= m.quantization_min_spearman <= 1, "model.quantization_min_spearman",
+         "a rank correlation is between -1 and 1 (-1: never refuse)")
+    need(0 <= m.quantization_min_pairs <= 1, "model.quantization_min_pairs",
+         "a share of pairs is between 0 and 1 (0: never refuse)")
+    need(m.calibration_path is None or Path(m.calibration_path).expanduser().is_file(), "model.calibration_path",
+         "no such file (texts one per line, or a perf_analyzer input file of token_ids)")
+    need(f.quantization_noise >= 0, "fault_injection.quantization_noise", "must not be negative")
+    need(not f.quantization_noise or m.quantization is not None, "fault_injection.quantization_noise",
+         "stands in for the quantizer of model.quantization; set model.quantization too")
     if m.chat_template is not None:
         where = Path(m.chat_template).expanduser()
         need(where.exists() or "{{" in m.chat_template or "{%" in m.chat_template, "model.chat_template",

@@ -1,11 +1,19 @@
 """The drain's admission rule: once a drain begins, new requests are refused at once, except those that Triton
 had already accepted (they are scored)."""
 
+import logging
 import threading
+import time
 from typing import List, Optional, Tuple
 
+from ..engine import ShuttingDown
 from ..protocol import Unavailable
 from . import proxy_status
+
+log = logging.getLogger("reward_server.drain")
+
+STUB_HANDOFF_S = 1.0  # while draining: more than Triton ever takes to hand a dequeued batch to its Python stub
+DRAIN_POLL_S = 0.05  # while draining: how often to look whether every accepted request was answered
 
 
 class Admission:
@@ -56,3 +64,30 @@ class Admission:
             self.drained["queued"] += 1
             return True
         return False
+
+
+def drain_then_stop(server, service, leader, metrics, triton, signalled: float) -> None:
+    """The drain after SIGTERM / SIGINT (`signalled`: time.monotonic() of the signal), on a thread of its own: new
+    requests get 503 at once while Triton still answers them; those already accepted (at rank 0, or waiting in
+    Triton's queue) are scored; then `server.drain_refuse_s` more of refusals, Triton's stop (at most
+    `server.triton_exit_timeout_s`) and the leader's, after which every rank exits 0."""
+    queued = metrics.triton_queued()
+    service.admission.drain(ShuttingDown("the reward server is shutting down; retry"),
+                            {"native": queued.get(server.model_name, 0), "nemo": queued.get(server.nemo_model_name, 0)},
+                            dequeued_before=time.monotonic() + STUB_HANDOFF_S)
+    log.info("draining: refusing new requests %.1f s after the signal; %d request(s) waiting in Triton's queue, "
+             "%d batch(es) at rank 0", time.monotonic() - signalled, sum(queued.values()), leader.queued_batches)
+    deadline = time.monotonic() + server.drain_timeout_s
+    while (leader.queued_batches or service.admission.admitting()) and time.monotonic() < deadline:
+        time.sleep(DRAIN_POLL_S)
+    answered = time.monotonic() - signalled
+    time.sleep(server.drain_refuse_s)  # clients sending now get a clear 503, not a reset from Triton's stop
+    drained = service.admission.drained
+    log.info("drained: accepted requests answered %.1f s after the signal; admitted after it: %d on their way from "
+             "Triton, %d from its queue; %d refused", answered, drained["in flight"], drained["queued"],
+             drained["refused"])
+    started = time.monotonic()
+    triton.stop()  # waits for requests still in flight, at most server.triton_exit_timeout_s
+    log.info("Triton stopped in %.1f s (%.1f s after the signal)", time.monotonic() - started,
+             time.monotonic() - signalled)
+    leader.close()

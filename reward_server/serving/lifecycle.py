@@ -16,6 +16,8 @@ import subprocess
 # `read` returns when rank 0's end of the pipe closes; then remove the shared memory regions Triton's Python
 # backend made for rank 0 ("pytrtion<rank 0 pid>-*", PyTriton's naming; already gone after a clean stop) and
 # SIGKILL the reaper's own process group (`kill -9 0`).
+PID_FILE_ENV = "REWARD_SERVER_PID_FILE"  # set by the reward-server launcher: where rank 0 writes its pid when ready
+
 _REAPER = 'trap "" TERM INT HUP; read _; rm -f /dev/shm/pytrtion"$PPID"-*; kill -9 0'
 _group = None  # while set, processes forked from Python join this process group
 
@@ -40,3 +42,12 @@ def triton_process_group():
         yield reaper
     finally:
         _group = None
+
+
+def write_pid() -> None:
+    """Rank 0, once ready: its pid in $REWARD_SERVER_PID_FILE (launcher.py signals rank 0 rather than torchrun, so
+    that a stop drains and every process exits 0)."""
+    path = os.environ.get(PID_FILE_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(str(os.getpid()))

@@ -171,7 +171,7 @@ def _start_triton(cfg: ServeConfig, service: RewardService, instances: int, acce
         config=TritonConfig(
             http_address=s.host, http_port=s.http_port, grpc_address=s.host, grpc_port=s.grpc_port,
             metrics_address=LOOPBACK, metrics_port=triton_metrics_port, log_verbose=s.log_verbose,
-            exit_timeout_secs=s.drain_timeout_s, http_restricted_api=restricted, grpc_restricted_protocol=restricted,
+            exit_timeout_secs=s.triton_exit_timeout_s, http_restricted_api=restricted, grpc_restricted_protocol=restricted,
         ),
         # We pass the restrictions ourselves (PyTriton's own take one group only); its client calls use the token.
         security_config=TritonSecurityConfig(access_token=access_token, restricted_endpoints=[]),
@@ -229,4 +229,5 @@ def ready_line(cfg: ServeConfig, seconds: float) -> str:
                           if m)
     openrlhf = f"; OpenRLHF http://{s.host}:{s.openrlhf_port}/get_reward" if s.openrlhf_port is not None else ""
     return (f"ready after {seconds:.0f} s: {models}; gRPC {s.host}:{s.grpc_port}; "
-            f"metrics http://{s.host}:{s.metrics_port}/metrics{openrlhf}")
+            f"metrics http://{s.host}:{s.metrics_port}/metrics{openrlhf}; rank 0 is pid {os.getpid()} "
+            f"(kill -TERM {os.getpid()} drains and stops every rank with exit code 0)")
