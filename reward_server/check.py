@@ -13,7 +13,9 @@ The reference runs each sequence alone, unpadded, in float32 on the CPU; on a GP
 (what the server serves there) and in float32, and the verdict asks whether the server is as close to float32 as
 plain bfloat16 transformers is. A quantized server (--quantized, model.quantization=fp8) is judged on the order of
 the sequences instead: Spearman and the share of pairs ordered alike against float32 (--label: on which label of
-a multi-label head). Exit status 0 when the check passes, 1 when it does not.
+a multi-label head), by the rule the server's start-up fidelity gate applies (reward_server/config/fidelity.py).
+The distances are given over every label and for --label alone. Exit status 0 when the check passes, 1 when it does
+not.
 
 The references of a large sample take minutes on a GPU (1,000 sequences of 8B in float32: about 3); --references
 FILE keeps them (computed and saved when FILE is missing, loaded when it holds the same sequences), and
@@ -34,14 +36,14 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from .config.fidelity import QUANTIZED_PAIRS, QUANTIZED_SPEARMAN
+from .loading.fidelity_gate import compare, judge, label_distance, read_inputs, read_texts
+
 GROUP = 8  # sequences per shared prompt in the sample
 MAX_SAMPLE_TOKENS = 1024  # longest sampled sequence (and never past the model's max_position_embeddings)
 FP32_ATOL = 1e-4  # float32 server vs float32 transformers: same arithmetic up to summation order
 BF16_SLACK = 1.25  # bfloat16 server vs float32 may be this much further than plain bfloat16 transformers is
 REQUEST_ROWS = 64  # sequences per request (the server's default batching.max_batch_size)
-PAIRS = 10_000  # pairs of sequences whose order is compared (all pairs when there are fewer)
-QUANTIZED_SPEARMAN = 0.999  # --quantized: served vs float32 rank correlation at least this
-QUANTIZED_PAIRS = 0.995  # --quantized: and at least this share of pairs ordered alike
 
 
 def sample(n: int, vocab: int, max_len: int, seed: int = 0) -> List[np.ndarray]:
@@ -132,29 +134,6 @@ def served_rewards(url: str, model_name: str, name: str, rows: List[bytes], time
     return np.concatenate(out)
 
 
-def ranks(x: np.ndarray) -> np.ndarray:
-    out = np.empty(len(x))
-    out[np.argsort(x, kind="stable")] = np.arange(len(x))
-    return out
-
-
-def compare(a: np.ndarray, b: np.ndarray, label: int = 0, seed: int = 0) -> dict:
-    """Distance, and whether the order of the sequences is kept (what RL uses): Spearman's rank correlation and
-    the share of pairs ordered alike (every pair, or PAIRS random ones), on one label; the distance over all labels."""
-    d = np.abs(a - b)
-    x, y = a[:, label].astype(np.float64), b[:, label].astype(np.float64)
-    n = len(x)
-    if n * (n - 1) // 2 <= PAIRS:
-        i, j = np.triu_indices(n, 1)
-    else:
-        rng = np.random.default_rng(seed)
-        i, j = rng.integers(0, n, PAIRS), rng.integers(0, n, PAIRS)
-        i, j = i[i != j], j[i != j]
-    spearman = float(np.corrcoef(ranks(x), ranks(y))[0, 1]) if n > 1 else 1.0
-    return {"max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()), "spearman": spearman,
-            "pair_agreement": float(np.mean(np.sign(x[i] - x[j]) == np.sign(y[i] - y[j]))) if len(i) else 1.0}
-
-
 def run(args) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -164,11 +143,11 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     if args.inputs:
-        data = json.loads(Path(args.inputs).read_text())["data"][: args.n]
-        seqs = [np.array(d["token_ids"]["content"][0].split(), dtype=np.int64) for d in data]
-        name, rows = "token_ids", [d["token_ids"]["content"][0].encode() for d in data]
+        data = read_inputs(args.inputs, args.n)
+        seqs = [np.array(row.split(), dtype=np.int64) for row in data]
+        name, rows = "token_ids", [row.encode() for row in data]
     elif args.texts:
-        texts = [t for t in Path(args.texts).read_text().splitlines() if t.strip()][: args.n]
+        texts = read_texts(args.texts, args.n)
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         seqs = [np.asarray(ids, dtype=np.int64) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
         name, rows = "text", [t.encode() for t in texts]
@@ -192,22 +171,27 @@ def run(args) -> dict:
     say(f"... {report['served_s']} s; plain transformers on {device.type}, one sequence at a time ...")
     plain = references(args, seqs, device, say)
     on = args.label
+
+    def versus(a: np.ndarray, b: np.ndarray) -> dict:  # every label's distance, then --label's own
+        return {**compare(a, b, on), **label_distance(a, b, on)}
+
     if device.type == "cpu":
-        report["float32"] = compare(served, plain["float32"], on)
+        report["float32"] = versus(served, plain["float32"])
         report["reward_std"] = float(plain["float32"][:, on].std())
         report["pass"] = report["float32"]["max_abs_diff"] <= args.atol
         report["rule"] = f"served vs float32 transformers: max |diff| <= {args.atol}"
     else:
         bf16, fp32 = plain["bfloat16"], plain["float32"]
-        report["served_vs_bfloat16"] = compare(served, bf16, on)
-        report["served_vs_float32"] = compare(served, fp32, on)
-        report["bfloat16_vs_float32"] = compare(bf16, fp32, on)
+        report["served_vs_bfloat16"] = versus(served, bf16)
+        report["served_vs_float32"] = versus(served, fp32)
+        report["bfloat16_vs_float32"] = versus(bf16, fp32)
         report["reward_std"] = float(fp32[:, on].std())
         if args.quantized:
-            r = report["served_vs_float32"]
-            report["pass"] = r["spearman"] >= QUANTIZED_SPEARMAN and r["pair_agreement"] >= QUANTIZED_PAIRS
-            report["rule"] = (f"served vs float32: Spearman >= {QUANTIZED_SPEARMAN} and pairs ordered alike >= "
-                              f"{100 * QUANTIZED_PAIRS:g} %")
+            failed = judge({str(on): report["served_vs_float32"]}, args.min_spearman, args.min_pairs,
+                           "against float32", ("--min-spearman", "--min-pairs"))
+            report["pass"] = failed is None
+            report["rule"] = (f"served vs float32 on label {on}: Spearman >= {args.min_spearman:g} and pairs ordered "
+                              f"alike >= {100 * args.min_pairs:g} %" + (f" ({failed})" if failed else ""))
         else:
             limit = BF16_SLACK * report["bfloat16_vs_float32"]["mean_abs_diff"]
             report["pass"] = report["served_vs_float32"]["mean_abs_diff"] <= limit
@@ -226,7 +210,8 @@ def print_report(report: dict) -> None:
         if key in report:
             what = "served vs float32 transformers" if key == "float32" else key.replace("_", " ")
             r = report[key]
-            print(f"  {what:34s} max |diff| {r['max_abs_diff']:.3g}   mean {r['mean_abs_diff']:.3g}   "
+            own = f"label {report['label']}: max {r['label_max_abs_diff']:.3g}   mean {r['label_mean_abs_diff']:.3g}"
+            print(f"  {what:34s} max |diff| {r['max_abs_diff']:.3g}   mean {r['mean_abs_diff']:.3g}   ({own})   "
                   f"Spearman {r['spearman']:.5f}   pairs ordered alike {100 * r['pair_agreement']:.2f} %")
     print(f"{'PASS' if report['pass'] else 'FAIL'}: {report['rule']}")
 
@@ -242,8 +227,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--inputs", help="a perf_analyzer input file of token_ids (benchmarks/workload.py's): its first "
                    "--n sequences")
     p.add_argument("--quantized", action="store_true", help="the server is quantized (model.quantization): judge "
-                   f"the order of the rewards (Spearman >= {QUANTIZED_SPEARMAN}, pairs >= {100 * QUANTIZED_PAIRS:g} %%)")
-    p.add_argument("--label", type=int, default=0, help="the label whose rewards are compared (a multi-label head)")
+                   "the order of the rewards (Spearman >= --min-spearman, pairs >= --min-pairs)")
+    p.add_argument("--min-spearman", type=float, default=QUANTIZED_SPEARMAN, help="--quantized: the bar (the "
+                   "default is the server's model.quantization_min_spearman; pass the value your server runs with)")
+    p.add_argument("--min-pairs", type=float, default=QUANTIZED_PAIRS, help="--quantized: the share of pairs "
+                   "ordered alike (default: model.quantization_min_pairs's)")
+    p.add_argument("--label", type=int, default=0, help="the label whose order (Spearman, pairs) and own distance "
+                   "are reported (a multi-label head); max / mean |diff| are also given over every label")
     p.add_argument("--references", help="an .npz file that keeps the plain references (loaded when it holds the "
                    "same sequences of the same model, else computed and saved)")
     p.add_argument("--references-only", action="store_true", help="compute and save --references; no server")

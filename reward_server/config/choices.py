@@ -33,8 +33,12 @@ class Pooling(StrEnum):
     last = "last"
 
 
-class Quantization(StrEnum):
+class Quantization(StrEnum):  # the recipes of reward_server/loading/quantization.py
     fp8 = "fp8"
+    fp8_tensor = "fp8_tensor"
+    fp8_mlp = "fp8_mlp"
+    fp8_skip_ends = "fp8_skip_ends"
+    fp8_mlp_skip_ends = "fp8_mlp_skip_ends"
 
 
 class Backend(StrEnum):

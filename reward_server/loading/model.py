@@ -83,7 +83,7 @@ def quantize_and_compile(model, cfg: ModelConfig, topo: Topology) -> None:
     """model.quantization, then model.compile (auto: resolve_compile). Called once a loader's own checks have run,
     so that they do not compile graphs the forwards never use."""
     if cfg.quantization:
-        n = quantization.quantize(decoder_layers(model, f"model.quantization={cfg.quantization}"))
+        n = quantization.quantize(decoder_layers(model, f"model.quantization={cfg.quantization}"), cfg.quantization)
         if topo.rank == 0:
             log.info("model.quantization=%s: %d linear layers of the decoder quantized", cfg.quantization, n)
     if resolve_compile(cfg, topo):
