@@ -3,16 +3,47 @@ failed answer becomes one of these: by the error code in its text's token (proto
 when it carries none (a server older than the tokens, a proxy in between); the row from the token. The wording of
 a message is only ever shown, never read."""
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from ..protocol import HTTP_STATUS, INTERNAL, INVALID_ARG, ParsedError, parse_error, parse_errors
 
 
+class RowError(str):
+    """Why the server did not score one sequence: its message (a str, so `errors[3] == "empty sequence"` works)
+    and `code`, the server's error code for the row (INVALID_ARG: the row failed the checks; INTERNAL: its
+    forward failed)."""
+
+    code: str
+
+    def __new__(cls, message: str, code: str = INVALID_ARG):
+        self = super().__new__(cls, message)
+        self.code = code
+        return self
+
+    def __reduce__(self):
+        return (RowError, (str(self), self.code))
+
+    def __repr__(self) -> str:
+        return f"RowError({str(self)!r}, code={self.code!r})"
+
+
 class RewardServerError(RuntimeError):
-    """The server did not score a batch. `index`: the failing sequence's position in the caller's batch (the
-    first one when several failed; None when the failure is not one sequence's); `server_message`: the server's
-    own words; `code`: the server's error code (protocol.py: INVALID_ARG, UNAVAILABLE, INTERNAL), None when the
-    failure is not a server's answer."""
+    """The server did not score a batch, or not all of it. `index`: the failing sequence's position in the
+    caller's batch (the first one when several failed; None when the failure is not one sequence's);
+    `server_message`: the server's own words; `code`: the server's error code (protocol.py: INVALID_ARG,
+    UNAVAILABLE, INTERNAL), None when the failure is not a server's answer.
+
+    Raised by a call (`handle.result()`), it also carries what the call did score: `rewards` [batch, num_labels]
+    as `result()` would have returned them (normalized; numpy or torch), NaN in every row not scored; `scored`,
+    a bool numpy array [batch], True where the server scored the row; `errors` {index: RowError} of the rows
+    the server refused or failed; `step_rewards` (a process reward model's, an empty array for a row not
+    scored). `rewards` is None when nothing was scored and the model's width is not known (the call failed
+    before any answer)."""
+
+    rewards = None
+    step_rewards = None
+    scored = None
+    errors: Dict[int, RowError] = {}
 
     def __init__(self, message: str, index: Optional[int] = None, server_message: str = "",
                  code: Optional[str] = None):
@@ -20,6 +51,9 @@ class RewardServerError(RuntimeError):
         self.index = index
         self.server_message = server_message
         self.code = code
+
+    def _attach(self, rewards, step_rewards, scored, errors: Dict[int, RowError]) -> None:
+        self.rewards, self.step_rewards, self.scored, self.errors = rewards, step_rewards, scored, errors
 
 
 class RewardInputError(RewardServerError, ValueError):
@@ -30,6 +64,19 @@ class RewardServerUnavailable(RewardServerError, ConnectionError):
     """The server could not be reached (refused, reset, unknown host, 503) after the bounded retries. `reason`:
     what the last attempt met (http.py: cannot_connect, connection_lost, loading; or the server's own 503 reason:
     overloaded, shutting_down, ranks_failed, unavailable)."""
+
+    def __init__(self, message: str, index: Optional[int] = None, server_message: str = "",
+                 code: Optional[str] = None, reason: str = ""):
+        super().__init__(message, index, server_message, code)
+        self.reason = reason
+
+
+class RewardServerNotFound(RewardServerError):
+    """The URL does not lead to the reward server's model: the host answers, but not as a Triton server (a
+    metrics or gRPC port, another web service, a 404 to Triton's paths), or it is a Triton server without the
+    model (a wrong `model_name`, or not a reward server). For a server never seen answering as a reward server,
+    after `wait_for_server_s` (at once for an answer that cannot be a server starting up); `reason`: "not_triton"
+    or "no_model"."""
 
     def __init__(self, message: str, index: Optional[int] = None, server_message: str = "",
                  code: Optional[str] = None, reason: str = ""):
@@ -91,3 +138,56 @@ def request_error(status: int, text: str, start: int, n: int, url: str, what: st
                                 f"{failure.message}", None, failure.message, INVALID_ARG)
     return RewardServerError(f"{url} failed {what} (HTTP {status}): {failure.message}", None, failure.message,
                              failure.code)
+
+
+# ------------------------------------------------------------------------------------------ per-row results
+
+
+def row_errors(failed: List[Tuple[int, ParsedError]], start: int) -> Dict[int, RowError]:
+    """{index in the caller's batch: RowError} of a request's failed rows ((row, its token) each; a row error
+    without a token is an input error)."""
+    return {start + row: RowError(p.message, p.code or INVALID_ARG) for row, p in failed}
+
+
+def whole_request_rows(failure: ServerFailure, start: int, n: int) -> Dict[int, RowError]:
+    """The rows of a request that the server failed as a whole (every row failed, or the request was refused):
+    each row it named gets its own message and code, the others the request's."""
+    named = {p.row: p for p in failure.rows if 0 <= p.row < n}
+    verb = "refused" if failure.code == INVALID_ARG else "failed"
+    rest = RowError(f"its request (sequences {start}..{start + n - 1}) was {verb} as a whole: {failure.message}",
+                    failure.code)
+    return {start + i: RowError(named[i].message, named[i].code or failure.code) if i in named else rest
+            for i in range(n)}
+
+
+def whole_request_error(failure: ServerFailure, start: int, n: int) -> RewardServerError:
+    """The error of a request that the server failed as a whole, by its rows when it names them (request_error)."""
+    rows = [(p.row, p) for p in failure.rows if 0 <= p.row < n]
+    if rows:  # every row failed: the first rows' codes and indices
+        return rows_error(rows, start, n, every=True)
+    if failure.code == INVALID_ARG:
+        return RewardInputError(f"sequences {start}..{start + n - 1} rejected by the reward server: "
+                                f"{failure.message}", None, failure.message, INVALID_ARG)
+    return RewardServerError(f"sequences {start}..{start + n - 1} failed on the reward server ({failure.code}): "
+                             f"{failure.message}", None, failure.message, failure.code)
+
+
+SHOWN_INDICES = 8  # of the other failed sequences, in the message of a call whose requests failed in several places
+
+
+def call_error(firsts: List[Tuple[RewardServerError, int, int]], failed: List[int], batch: int) -> RewardServerError:
+    """The error of a call some rows of which the server refused or failed: `firsts`, each failed request's own
+    error with its rows (start, n), in batch order; `failed`, every failed index. One failed request: its error as
+    ever; several: the first's, its message counting the others."""
+    first, start, n = firsts[0]
+    if len(firsts) == 1:
+        return first
+    mine = {first.index} if first.index is not None else set(range(start, start + n))
+    others = [i for i in failed if i not in mine]
+    shown = ", ".join(map(str, others[:SHOWN_INDICES])) + (", ..." if len(others) > SHOWN_INDICES else "")
+    code = first.code or INVALID_ARG
+    what = "rejected by the reward server" if code == INVALID_ARG else f"failed on the reward server ({code})"
+    where = f"sequence {first.index}" if first.index is not None else f"sequences {start}..{start + n - 1}"
+    message = (f"{where} {what}: {first.server_message} ({len(others)} more of the {batch} sequences failed too: "
+               f"{shown})")
+    return type(first)(message, first.index, first.server_message, first.code)

@@ -3,25 +3,59 @@ conversation as JSON, or token ids as decimal text) and the Triton binary reques
 (tritonclient's codec)."""
 
 import json
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from tritonclient.http import InferenceServerClient as _Codec
 from tritonclient.http import InferInput
 
-from ..protocol import parse_error
-from .errors import RewardServerError, rows_error
+from ..protocol import ParsedError, parse_error
+from .errors import (RewardServerError, RowError, ServerFailure, row_errors, rows_error, whole_request_error,
+                     whole_request_rows)
 
 
 @dataclass
 class Scores:
     """Everything the server answered for one batch, in input order. `rewards`: [batch, num_labels] (normalized
-    when the client has reward_mean / reward_std). `step_rewards`: a process reward model's per-step scores, one
-    1-D array per sequence (its `num_steps` values, padding removed), or None when the model returns none."""
+    when the client has reward_mean / reward_std), NaN in the rows that failed. `step_rewards`: a process reward
+    model's per-step scores, one 1-D array per sequence (its `num_steps` values, padding removed; empty for a
+    row that failed), or None when the model returns none. `errors`: {index: RowError} of the rows the server
+    refused or failed (only ever non-empty with on_row_error="nan"; otherwise the call raises)."""
 
     rewards: object
     step_rewards: Optional[list] = None
+    errors: Dict[int, RowError] = field(default_factory=dict)
+
+
+@dataclass
+class Part:
+    """One request's answer: rows start..start+n-1 of the caller's batch. `rewards` [n, num_labels] with NaN in
+    the failed rows, None when the request failed as a whole (`failure`: that answer); `steps` a PRM's per-step
+    scores (empty for a failed row) or None; `rows` the failed rows of a 200 answer, (row, its token) each."""
+
+    start: int
+    n: int
+    rewards: Optional[np.ndarray] = None
+    steps: Optional[list] = None
+    rows: List[Tuple[int, ParsedError]] = field(default_factory=list)
+    failure: Optional[ServerFailure] = None
+
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None or bool(self.rows)
+
+    def errors(self) -> Dict[int, RowError]:
+        """{index in the caller's batch: RowError} of the rows that failed."""
+        if self.failure is not None:
+            return whole_request_rows(self.failure, self.start, self.n)
+        return row_errors(self.rows, self.start)
+
+    def error(self) -> RewardServerError:
+        """This request's error, as the client raised it before per-row results (by its first failed row)."""
+        if self.failure is not None:
+            return whole_request_error(self.failure, self.start, self.n)
+        return rows_error(self.rows, self.start, self.n, every=False)
 
 
 def _is_torch(x) -> bool:
@@ -110,30 +144,86 @@ def request_body(name: str, rows: list) -> Tuple[bytes, dict]:
     return body, headers
 
 
-def parse_response(data: bytes, header_length: Optional[int], n: int, start: int, what: str, url: str):
-    """(rewards [n, num_labels], per-step scores or None) from a 200 answer. Rows with an `error` raise the first
-    one's error (errors.rows_error: by its token's code; its row from the token, else its place in `error`; the
-    index in the caller's batch is start + row)."""
-    result = _Codec.parse_response_body(data, header_length=header_length)
-    errors = result.as_numpy("error")
+class MalformedAnswer(RewardServerError):
+    """A 200 answer that is not what a reward server answers (wire.read_response)."""
+
+
+def _outputs(data: bytes, header_length: Optional[int], what: str, url: str) -> dict:
+    """{name: numpy array} of a Triton inference answer (binary or JSON); MalformedAnswer if it is not one."""
+    try:
+        result = _Codec.parse_response_body(data, header_length=header_length)
+        names = [o.get("name") for o in result.get_response().get("outputs", [])]
+        return {name: result.as_numpy(name) for name in names if isinstance(name, str)}
+    except Exception as exc:  # tritonclient's own, json's, numpy's: the body is not a Triton answer
+        start = data[:80].decode("utf-8", "replace") if isinstance(data, bytes) else repr(data)[:80]
+        raise MalformedAnswer(f"{url} answered {what} with HTTP 200 but not a Triton inference answer "
+                              f"({type(exc).__name__}: {exc}; it starts {start!r}): is this the server's HTTP "
+                              f"port?") from exc
+
+
+def read_response(data: bytes, header_length: Optional[int], n: int, start: int, what: str, url: str) -> Part:
+    """A 200 answer to a request of n rows (rows start.. of the caller's batch) as a Part: the rewards with NaN in
+    the rows that failed, a PRM's per-step scores, the failed rows (by their token: its code; its row from the
+    token, else its place in `error`). MalformedAnswer when the answer is not a reward server's: no `rewards`,
+    a shape or type that does not fit n rows."""
+    outputs = _outputs(data, header_length, what, url)
+
+    def bad(why: str) -> MalformedAnswer:
+        return MalformedAnswer(f"{url} answered {what} with {why}")
+
+    rewards, errors = outputs.get("rewards"), outputs.get("error")
+    if rewards is None:
+        raise bad(f"no `rewards` output (outputs: {sorted(outputs)}): is model the reward server's native model?")
+    if rewards.ndim == 1:
+        rewards = rewards.reshape(-1, 1)
+    if rewards.ndim != 2 or rewards.shape[0] != n or not np.issubdtype(rewards.dtype, np.number):
+        raise bad(f"`rewards` {rewards.dtype} {list(rewards.shape)}, not {n} rows of numbers")
+    rewards = rewards.astype(np.float32)  # a copy: failed rows are set to NaN below
+    rows: List[Tuple[int, ParsedError]] = []
     if errors is not None:
-        parsed = [(i, parse_error(bytes(e).decode("utf-8", "replace"))) for i, e in enumerate(errors.reshape(-1)) if e]
-        if parsed:
-            raise rows_error([(i if p.row is None else p.row, p) for i, p in parsed], start, n, every=False)
-    rewards = result.as_numpy("rewards")
-    if rewards is None or rewards.shape[0] != n:
-        raise RewardServerError(f"{url} answered {what} without {n} rows of rewards")
-    step_rewards, num_steps = result.as_numpy("step_rewards"), result.as_numpy("num_steps")
+        if errors.size != n or errors.dtype != object:
+            raise bad(f"`error` {errors.dtype} {list(errors.shape)}, not {n} texts")
+        for i, e in enumerate(errors.reshape(-1)):
+            if e:
+                p = parse_error(bytes(e).decode("utf-8", "replace"))
+                rows.append((p.row if p.row is not None and 0 <= p.row < n else i, p))
+    rows.sort(key=lambda r: r[0])
+    failed = [r for r, _ in rows]
+    rewards[failed] = np.nan
     steps = None
+    step_rewards, num_steps = outputs.get("step_rewards"), outputs.get("num_steps")
     if step_rewards is not None and num_steps is not None:
+        if (step_rewards.ndim != 2 or step_rewards.shape[0] != n or num_steps.size != n
+                or not np.issubdtype(step_rewards.dtype, np.number) or not np.issubdtype(num_steps.dtype, np.integer)
+                or num_steps.min(initial=0) < 0 or num_steps.max(initial=0) > step_rewards.shape[1]):
+            raise bad(f"`step_rewards` {list(step_rewards.shape)} / `num_steps` {list(num_steps.shape)} that do "
+                      f"not fit {n} rows")
         steps = [step_rewards[i, : int(k)].astype(np.float32) for i, k in enumerate(num_steps.reshape(-1))]
-    return rewards.astype(np.float32, copy=False), steps
+        for i in failed:
+            steps[i] = np.zeros(0, dtype=np.float32)
+    return Part(start, n, rewards, steps, [(r, p) for r, p in rows])
+
+
+def parse_response(data: bytes, header_length: Optional[int], n: int, start: int, what: str, url: str):
+    """(rewards [n, num_labels], per-step scores or None) from a 200 answer in which every row was scored; rows
+    with an `error` raise the first one's error (errors.rows_error; the index in the caller's batch is
+    start + row). The client itself keeps every row (read_response)."""
+    part = read_response(data, header_length, n, start, what, url)
+    if part.rows:
+        raise part.error()
+    return part.rewards, part.steps
+
+
+def triton_error(body: bytes) -> Optional[str]:
+    """The text of Triton's error answer ({"error": text}), None when `body` is not one (another server's page)."""
+    try:
+        text = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return text["error"] if isinstance(text, dict) and isinstance(text.get("error"), str) else None
 
 
 def error_text(body: bytes) -> str:
     """The text of a failed answer: Triton's {"error": text}, or the body itself (a proxy's page)."""
-    text = body.decode("utf-8", "replace")
-    try:
-        return str(json.loads(text).get("error", text))
-    except (ValueError, AttributeError):
-        return text
+    text = triton_error(body)
+    return body.decode("utf-8", "replace") if text is None else text
