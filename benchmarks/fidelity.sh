@@ -8,13 +8,16 @@
 # WORKLOAD (rlhf), N (1000), NPROC (1), OVERRIDES (model.quantization=fp8), CHECK_ARGS (--quantized; empty for a
 # bf16 server), READY_S (600), SPEED (concurrencies, e.g. "64": then also tokens/s of the same server under
 # benchmarks/perf.py on the workload, and of a baseline server started after it with BASELINE (overrides, default
-# none: bf16 defaults), with REQUESTS per point; a table vs the baseline in $OUT/speed.md).
+# none: bf16 defaults), with REQUESTS per point; a table vs the baseline in $OUT/speed.md), GATE (added to OVERRIDES:
+# by default model.quantization_min_spearman=-1 model.quantization_min_pairs=0, so that the start-up fidelity gate
+# measures and never refuses: the random-weight model fails it; its figures go to $OUT/gate.txt; GATE= keeps the bar).
 set -uo pipefail
 OUT=${OUT:-/tmp/fidelity}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
 export REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-bench-token}
 MODEL=${MODEL:-/tmp/rm8b}; WORKLOAD=${WORKLOAD:-rlhf}; N=${N:-1000}
 OVERRIDES=${OVERRIDES-model.quantization=fp8}; CHECK_ARGS=${CHECK_ARGS---quantized}
+GATE=${GATE-model.quantization_min_spearman=-1 model.quantization_min_pairs=0}
 [ -f "$MODEL/config.json" ] || python3 benchmarks/make_model.py --out "$MODEL" --fitted-label
 # num_labels from transformers: a config of 2 labels (the default) does not write them
 read -r VOCAB LABELS < <(python3 -c "from transformers import AutoConfig; c=AutoConfig.from_pretrained('$MODEL'); print(c.vocab_size, c.num_labels)")
@@ -27,12 +30,13 @@ python3 -m reward_server.check "${inputs[@]}" --references-only > "$OUT/refs.log
 refs=$!
 start=$(date +%s)
 # shellcheck disable=SC2086
-torchrun --nproc_per_node "${NPROC:-1}" serve_reward_model.py model.path="$MODEL" $OVERRIDES > "$OUT/server.log" 2>&1 &
+torchrun --nproc_per_node "${NPROC:-1}" serve_reward_model.py model.path="$MODEL" $OVERRIDES $GATE > "$OUT/server.log" 2>&1 &
 pid=$!
 if ! wait_ready localhost:8000 "${READY_S:-600}" "$pid"; then
   echo "$OVERRIDES: not ready"; tail -30 "$OUT/server.log"; stop "$pid"; kill "$refs" 2>/dev/null; exit 1
 fi
 echo "$OVERRIDES: ready after $(( $(date +%s) - start )) s"
+grep -o 'fidelity gate, .*' "$OUT/server.log" | tee "$OUT/gate.txt"
 wait "$refs" || { echo "references failed"; tail -30 "$OUT/refs.log"; stop "$pid"; exit 1; }
 cat "$OUT/refs.log"
 status=0
