@@ -1,6 +1,8 @@
 """Rank 0's leader: checked requests from the front doors go into a queue; the main thread serves them in
 forwards of a token budget (plan.py), broadcasts each, runs its own share (step.py) and completes each caller's
-future once all of its sequences are scored, retrying the works of a forward that failed apart (retry.py)."""
+future once all of its sequences are scored, retrying the works of a forward that failed apart (retry.py). A
+caller that gives up (its client disconnected, its deadline passed) withdraws its work: the sequences no forward has
+taken yet leave the queue uncomputed (`withdraw`, `submitting`)."""
 
 import contextlib
 import logging
@@ -17,6 +19,7 @@ import torch
 
 from .. import distributed as d
 from ..distributed import Command
+from ..protocol import Unavailable
 from .errors import ForwardError, Overloaded, RankFault, RanksFailed, ShuttingDown
 from .plan import Work, plan_forward
 from .retry import Scored, retries
@@ -26,6 +29,16 @@ from .step import Engine, ForwardResult
 log = logging.getLogger("reward_server.engine")
 
 _STOP = object()
+_submitting = threading.local()  # .hook: called with the futures of each submit_batch on this thread (`submitting`)
+
+
+class Withdrawn(Unavailable):
+    """The caller gave up on its request before it was answered: `cause` "disconnected" (its client went away) or
+    "timeout" (server.request_timeout_s passed). Its sequences not taken by a forward yet are never computed."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
 
 
 class InFlight:
@@ -69,6 +82,8 @@ class Leader:
         self.peak_queued_tokens = 0  # the most queued_tokens has been
         cache = getattr(getattr(engine, "scorer", None), "cache", None)  # rank 0's replica's prefix cache, or None
         self.stats = EngineStats(stats_interval_s, metrics, tokens_per_forward, cache)
+        self.metrics = metrics  # withdrawn sequences are counted there (metrics.Metrics.withdrawn)
+        self.withdrawn_sequences = self.withdrawn_tokens = 0  # taken out of the queue uncomputed, so far
         # the budget counts tokens held by the prefix cache as free where rank 0 knows them: with one replica its
         # cache, with several the record of what each was given (scoring/affinity.py), which sends a sequence to the
         # replica that holds the most of it
@@ -131,7 +146,56 @@ class Leader:
                 for w in admitted:
                     w.fut.add_done_callback(partial(self._dequeued, w.n_tokens, left))
                 self._queue.put(admitted)
+        hook = getattr(_submitting, "hook", None)
+        if hook is not None:
+            hook(futures)
         return futures
+
+    @staticmethod
+    @contextlib.contextmanager
+    def submitting(hook: Callable[[List[Future]], None]):
+        """While in this block, every `submit_batch` on this thread hands its futures (one per work, in the batch's
+        order) to `hook` once they are queued, so that another thread can `withdraw` them later."""
+        _submitting.hook = hook
+        try:
+            yield
+        finally:
+            _submitting.hook = None
+
+    def withdraw(self, fut: Future, exc: Withdrawn) -> bool:
+        """From any thread: the caller of the work whose future is `fut` gives up. The future fails with `exc` now
+        (its tokens leave the queue's count); the main thread takes the work's sequences that no forward has taken
+        out of the queue before it plans the next forward, uncomputed (sequences already in a forward finish and are
+        dropped). False when the work was already answered."""
+        with self._lock:
+            try:
+                fut.set_exception(exc)
+            except InvalidStateError:
+                return False
+        return True
+
+    def _withdrawn(self, work: Work, indices) -> None:
+        """Count the sequences `indices` of a withdrawn work as taken out of the queue uncomputed (main thread)."""
+        n_seqs, n_tokens = len(indices), sum(len(work.seqs[i]) for i in indices)
+        self.withdrawn_sequences += n_seqs
+        self.withdrawn_tokens += n_tokens
+        if n_seqs and self.metrics is not None and hasattr(self.metrics, "withdrawn"):
+            self.metrics.withdrawn(n_seqs, n_tokens)
+
+    def _prune(self) -> None:
+        """Drop the withdrawn works (their futures already failed) from the pending list, with their sequences that
+        no forward has taken (main thread, before planning)."""
+        with self._lock:
+            if not any(w.fut.done() for w in self._pending):
+                return
+            kept: Deque[Work] = deque()
+            for w in self._pending:
+                if w.fut.done():
+                    self._withdrawn(w, list(w.untaken))
+                    w.untaken = deque()
+                else:
+                    kept.append(w)
+            self._pending = kept
 
     def _dequeued(self, n_tokens: int, left: List[int], _fut: Future) -> None:
         with self._lock:
@@ -156,6 +220,7 @@ class Leader:
             while True:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
+                self._prune()
                 planned = time.monotonic()
                 picked, _ = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
                                          self.min_shared, self.cached) if self._pending else ([], 0)
@@ -199,9 +264,12 @@ class Leader:
                 continue
             if item is _STOP:
                 return True
-            for work in item:
-                if work.fut.set_running_or_notify_cancel():
-                    self._pending.append(work)
+            with self._lock:  # not between a withdrawal's check of the future and its failing it
+                for work in item:
+                    if work.fut.done():  # withdrawn while queued: none of its sequences is computed
+                        self._withdrawn(work, range(len(work.seqs)))
+                    elif work.fut.set_running_or_notify_cancel():
+                        self._pending.append(work)
 
     def oldest_forward_launch(self) -> Optional[float]:
         """time.monotonic() at which the oldest unfinished forward was launched, or None."""
@@ -238,7 +306,7 @@ class Leader:
                 ready = torch.cuda.Event(enable_timing=True)
                 ready.record()
         else:
-            host, ready = out, None
+            host, ready = out, getattr(self.engine, "pending", None)  # TEST ONLY: the stand-in's (faults.py), else None
         return InFlight(picked, n_tokens, host, ready, begun, time.monotonic() - planned)
 
     def _finish(self, forward: InFlight, idle_after: bool) -> None:

@@ -3,7 +3,9 @@
 prometheus-client serves the port; Triton's metrics (request counts and queue times per model, ...) move to
 server.triton_metrics_port on the loopback, and each scrape of ours includes them (TritonMetrics), so one port has
 both. Ours: queue depth (Triton batches, tokens) at rank 0, forwards and how full they were, tokens received and
-computed (fewer with prefix sharing), tokens reused from the prefix cache, errors by kind; tokens/s is rate(reward_server_tokens_received_total[1m]).
+computed (fewer with prefix sharing), tokens reused from the prefix cache, errors by kind, sequences and tokens of
+withdrawn requests taken out of the queue uncomputed, the API port's requests by route and status and its
+withdrawals by reason; tokens/s is rate(reward_server_tokens_received_total[1m]).
 """
 
 import logging
@@ -68,6 +70,16 @@ class Metrics:
                               buckets=FILL_BUCKETS, registry=r)
         self.errors = Counter("reward_server_errors", "Failed requests and rows, by kind: input (HTTP 400 or a row's "
                               "error), unavailable (503), internal (500)", ["kind"], registry=r)
+        self.withdrawn_sequences = Counter(
+            "reward_server_withdrawn_sequences", "Sequences of withdrawn requests (the caller disconnected, or "
+            "server.request_timeout_s passed) taken out of the queue before any forward computed them", registry=r)
+        self.withdrawn_tokens = Counter("reward_server_withdrawn_tokens", "Tokens of those sequences", registry=r)
+        self.api_requests = Counter("reward_server_api_requests", "Requests answered on the API port "
+                                    "(server.api_port) and the OpenRLHF port, by route and HTTP status",
+                                    ["route", "status"], registry=r)
+        self.api_withdrawn = Counter("reward_server_api_withdrawn", "Requests on those ports withdrawn before they "
+                                     "were answered, by reason: disconnected (the client went away), timeout "
+                                     "(server.request_timeout_s: answered 504)", ["reason"], registry=r)
         # model.quantization's start-up fidelity gate (loading/fidelity_gate.py), per label: quantized vs unquantized
         self.fidelity = {key: Gauge(f"reward_server_quantization_{name}", f"{what}, quantized vs unquantized rewards "
                                     "of the start-up calibration sample (worst rank)", ["label"], registry=r)
@@ -93,6 +105,16 @@ class Metrics:
         self.computed.inc(n_computed)
         if budget:
             self.fill.observe(n_computed / budget)
+
+    def withdrawn(self, n_seqs: int, n_tokens: int) -> None:
+        self.withdrawn_sequences.inc(n_seqs)
+        self.withdrawn_tokens.inc(n_tokens)
+
+    def api_request(self, route: str, status: int) -> None:
+        self.api_requests.labels(route, str(status)).inc()
+
+    def api_withdrawal(self, reason: str) -> None:
+        self.api_withdrawn.labels(reason).inc()
 
     def triton_queued(self) -> dict:
         return triton_pending(self.triton_url, self.timeout_s) if self.triton_url else {}
