@@ -68,6 +68,34 @@ def test_the_rule_is_the_check_commands_and_the_settings_defaults():
         "3 of 256 quantized rewards on label 0 are not finite"  # never served, whatever the bars
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.quantization=fp8_mlp", "parallel.tensor_parallel_size=2"],
+     "model.quantization=fp8_mlp: fp8_mlp is not supported with tensor parallelism"),
+    (["model.quantization_min_spearman=1.5"], "model.quantization_min_spearman=1.5: a rank correlation is between"),
+    (["model.quantization_min_pairs=-0.1"], "model.quantization_min_pairs=-0.1: a share of pairs is between 0 and 1"),
+    (["model.calibration_path=/nonexistent/cal.txt"], "model.calibration_path=/nonexistent/cal.txt: no such file"),
+    (["fault_injection.quantization_noise=0.1"],
+     "fault_injection.quantization_noise=0.1: stands in for the quantizer of model.quantization; set"),
+    (["model.quantization=fp8", "fault_injection.quantization_noise=-1"],
+     "fault_injection.quantization_noise=-1.0: must not be negative"),
+])
+def test_settings_that_cannot_work_are_one_line(overrides, expected):
+    from reward_server import cli
+
+    line = cli.check(overrides, {"WORLD_SIZE": "2"}, checkpoint=False)
+    assert line is not None and line.startswith(f"cannot start: {expected}"), line
+
+
+def test_the_stand_in_starts_where_fp8_cannot(calibration_file):
+    from reward_server import cli
+
+    fp8_on_cpu = ["model.quantization=fp8", "parallel.backend=gloo", "model.dtype=float32"]
+    assert cli.check(fp8_on_cpu, {}, checkpoint=False).startswith("cannot start: model.quantization=fp8: fp8 ")
+    stand_in = ["fault_injection.quantization_noise=0.01", f"model.calibration_path={calibration_file}",
+                "model.quantization_min_spearman=-1", "model.quantization_min_pairs=0"]
+    assert cli.check(fp8_on_cpu + stand_in, {}, checkpoint=False) is None
+
+
 @pytest.mark.parametrize("recipe,per_layer", [("fp8", [7, 7, 7, 7]), ("fp8_tensor", [7, 7, 7, 7]),
                                               ("fp8_mlp", [3, 3, 3, 3]), ("fp8_skip_ends", [0, 7, 7, 0]),
                                               ("fp8_mlp_skip_ends", [0, 3, 3, 0])])
@@ -147,7 +175,8 @@ def test_the_built_in_sample_groups_answers_and_ends_prm_steps_in_the_tag(monkey
     assert len(seqs) == fidelity_gate.CALIBRATION_SEQUENCES == 256
     assert all(np.array_equal(seqs[0][:20], s[:20]) for s in seqs[:fidelity_gate.GROUP])  # a shared question
     assert not np.array_equal(seqs[0][:20], seqs[fidelity_gate.GROUP][:20])
-    assert [s.tolist() for s in fidelity_gate.calibration(cfg, tokenizer, None, 4096, 512)] == [s.tolist() for s in seqs]
+    again = fidelity_gate.calibration(cfg, tokenizer, None, 4096, 512)
+    assert [s.tolist() for s in again] == [s.tolist() for s in seqs]  # the same sample every time
     tag = [7, 8]
     tagged = fidelity_gate.calibration(cfg, tokenizer, tag, 100_000, 512)
     steps = [len(s) for _, s in fidelity_gate.built_in()]
@@ -190,9 +219,9 @@ def test_refusal_through_torchrun_is_one_line_and_every_rank_exits(tmp_path, two
 
 @pytest.mark.server
 def test_a_passing_gate_serves_and_exports_its_figures(tmp_path, two_labels, calibration_file):
-    srv = Server(2, [f"model.path={two_labels}", "model.quantization=fp8_mlp", "fault_injection.quantization_noise=1e-4",
-                     f"model.calibration_path={calibration_file}", f"model.cache_dir={tmp_path / 'cache'}"],
-                 tmp_path / "server.log")
+    srv = Server(2, [f"model.path={two_labels}", "model.quantization=fp8_mlp",
+                     "fault_injection.quantization_noise=1e-4", f"model.calibration_path={calibration_file}",
+                     f"model.cache_dir={tmp_path / 'cache'}"], tmp_path / "server.log")
     try:
         srv.wait_ready()
         log = srv.log()
