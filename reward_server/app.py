@@ -17,6 +17,7 @@ from .loading.checkpoint import StartupError
 from .scoring.affinity import ReplicaAffinity
 from .scoring.scorer import warm_up
 from .serving import lifecycle
+from .serving.api_routes import api_server, ready_text
 from .serving.inputs import SequenceRules
 from .serving.drain import drain_then_stop
 from .serving.metrics import Metrics
@@ -116,9 +117,17 @@ def serve(cfg: ServeConfig) -> int:
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
     if cfg.server.openrlhf_port is not None:
         OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
-                         cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER).start()
-    log.info(ready_line(cfg, time.monotonic() - started))
+                         cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER,
+                         cfg.server.request_timeout_s).start()
+    log.info(ready_line(cfg, time.monotonic() - started) + (ready_text(api) if api is not None else ""))
+    if api is not None:
+        api.ready()
     lifecycle.write_pid()  # for the reward-server launcher, which stops the server through rank 0
+        api = None
+        if cfg.server.api_port is not None:  # listening before Triton starts: GET /health answers 503 until ready
+            api = api_server(cfg, service, tokenizer, model_config, inference_token, r.max_length)
+            api.start()
+            cfg.server.api_port = api.port  # 0: the free port it took
     draining = threading.Event()
 
     def drain(signum, _frame):
@@ -133,6 +142,7 @@ def serve(cfg: ServeConfig) -> int:
         threading.Thread(target=drain_then_stop, args=(cfg.server, service, leader, metrics, triton, signalled),
                          name="shutdown", daemon=True).start()
 
+        service.admission.not_ready("the reward server is draining")  # GET /health fails before the first refusal
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     try:

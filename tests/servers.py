@@ -104,7 +104,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = log_path
         cmd = torchrun(nproc, REPO / "serve_reward_model.py", f"server.http_port={self.http_port}",
-                       f"server.grpc_port={self.grpc_port}", f"server.metrics_port={self.metrics_port}", *overrides,
+                       f"server.grpc_port={self.grpc_port}", f"server.metrics_port={self.metrics_port}",
+                       "server.api_port=0", *overrides,  # the API port (default 30000): a free one, see api_url
                        launcher_args=launcher_args)
         self._log = open(log_path, "w")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -129,6 +130,12 @@ class Server:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"server not ready in {timeout}s:\n{self.log()[-5000:]}")
+
+    def api_url(self) -> str:
+        """The API port's URL (serving/api.py), from the ready line (the last one: a torchrun restart picks anew)."""
+        found = re.findall(r"; API (http://[0-9.]+:\d+) ", self.log())
+        assert found, "the API port is off (server.api_port=null) or the server is not ready"
+        return found[-1]
 
     def restarts(self) -> int:
         """How many times torchrun has restarted the group so far (rank 0 logs each restart)."""

@@ -1,7 +1,8 @@
-"""Drop-in for OpenRLHF and verl users, on one server (torchrun 2 data-parallel ranks) with the OpenRLHF endpoint on:
-OpenRLHF's request shapes sent with `requests` exactly as its remote_rm_fn sends them get the rewards of our
-`reward` model for the same texts (and of a plain transformers forward); bad queries get clear errors; 64
-concurrent callers are all answered. verl's custom reward function (examples/verl_reward_fn.py) called the way
+"""Drop-in for OpenRLHF and verl users, on one server (torchrun 2 data-parallel ranks) with the OpenRLHF endpoint on
+(its own port, server.openrlhf_port, and the API port's /get_reward): OpenRLHF's request shapes sent with `requests`
+exactly as its remote_rm_fn sends them get the rewards of our `reward` model for the same texts (and of a plain
+transformers forward); an empty query list (OpenRLHF's share for its 2nd..nth URL) gets empty lists; bad queries get
+clear errors; 64 concurrent callers are all answered. verl's custom reward function (examples/verl_reward_fn.py) called the way
 verl's reward loop and batch reward manager call it."""
 
 import asyncio
@@ -9,7 +10,6 @@ import importlib.util
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,9 +18,7 @@ from transformers import AutoTokenizer
 
 from oracles import reference_rewards
 from reward_server.client import RemoteGPTRMClient
-from reward_server.serving.openrlhf import BadRequest, OpenRLHFEndpoint, openrlhf_text, parse
-from reward_server.protocol import Unavailable
-from reward_server.serving.statuses import failure
+from reward_server.serving.openrlhf import BadRequest, openrlhf_text, parse
 from servers import REPO, free_port, running_server
 
 pytestmark = pytest.mark.timeout(600)
@@ -43,13 +41,18 @@ def test_queries_are_prepared_like_serve_rm_with_whole_tokens():
 @pytest.mark.parametrize("body,message", [
     (b"{not json", "the body is not JSON"),
     (b'{"prompts": ["a"]}', 'expected a JSON object with "query"'),
-    (b'{"query": []}', '"query" must be a non-empty list of texts'),
-    (b'{"query": ["a", 3]}', '"query" must be a non-empty list of texts'),
+    (b'{"query": ["a", 3]}', '"query" must be a list of texts'),
     (b'{"query": ["a", "b"], "prompts": ["a"]}', '"prompts" has 1 entries, "query" has 2'),
 ])
 def test_bad_bodies_are_named(body, message):
     with pytest.raises(BadRequest, match=message):
         parse(body)
+
+
+def test_an_empty_query_list_is_a_request_of_no_rows():
+    """OpenRLHF splits its queries over the URLs of --remote_rm_url and sends the 2nd..nth an empty list: 200 with
+    empty lists, not 400 (this test expected 400 before the API port)."""
+    assert parse(b'{"query": [], "prompts": [], "labels": []}') == []
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,7 @@ def server(tmp_path_factory, llama_ckpt):
     overrides = [f"model.path={llama_ckpt}", f"server.openrlhf_port={port}", f"model.max_length={MAX_LEN}"]
     with running_server(tmp, overrides) as srv:
         srv.openrlhf_url = f"http://127.0.0.1:{port}/get_reward"
+        srv.urls = [srv.openrlhf_url, f"{srv.api_url()}/get_reward"]  # its own port, the API port
         yield srv
 
 
@@ -84,23 +88,28 @@ def test_old_and_new_request_shapes_get_our_reward_models_rewards(server, tokeni
         ours = client.score(prepared(tokenizer, queries))[:, 0]
     ids = [np.array(x) for x in tokenizer(prepared(tokenizer, queries))["input_ids"]]
     np.testing.assert_allclose(ours, reference_rewards(llama_ckpt, ids)[:, 0], atol=1e-4, rtol=0)
-    for payload in ({"query": queries},
-                    {"query": queries, "prompts": ["p"] * len(queries), "labels": [""] * len(queries)}):
-        status, answer = remote_rm_fn(server.openrlhf_url, payload)
-        assert status == 200, answer
-        np.testing.assert_allclose(answer["rewards"], ours, atol=1e-6, rtol=0)
-        assert answer["scores"] == answer["rewards"] and answer["extra_logs"] == {}
-        assert answer["errors"] == [""] * len(queries)
+    for url in server.urls:
+        for payload in ({"query": queries},
+                        {"query": queries, "prompts": ["p"] * len(queries), "labels": [""] * len(queries)}):
+            status, answer = remote_rm_fn(url, payload)
+            assert status == 200, answer
+            np.testing.assert_allclose(answer["rewards"], ours, atol=1e-6, rtol=0)
+            assert answer["scores"] == answer["rewards"] and answer["extra_logs"] == {}
+            assert answer["errors"] == [""] * len(queries)
+        assert remote_rm_fn(url, {"query": [], "prompts": [], "labels": []}) == \
+            (200, {"rewards": [], "scores": [], "extra_logs": {}, "errors": []})
 
 
 @pytest.mark.server
 def test_a_bad_query_gets_nan_and_its_reason_and_the_others_are_scored(server, tokenizer):
     long = "word " * 200  # within server.max_row_bytes, past model.max_length
-    status, answer = remote_rm_fn(server.openrlhf_url, {"query": [QUERIES[0], long, QUERIES[1]]})
-    assert status == 200, answer
-    assert math.isnan(answer["rewards"][1]) and not math.isnan(answer["rewards"][0] + answer["rewards"][2])
-    assert answer["errors"][0] == answer["errors"][2] == ""
-    assert answer["errors"][1].startswith("row 1: ") and f"tokens, more than the limit of {MAX_LEN}" in answer["errors"][1]
+    for url in server.urls:
+        status, answer = remote_rm_fn(url, {"query": [QUERIES[0], long, QUERIES[1]]})
+        assert status == 200, answer
+        assert math.isnan(answer["rewards"][1]) and not math.isnan(answer["rewards"][0] + answer["rewards"][2])
+        assert answer["errors"][0] == answer["errors"][2] == ""
+        assert answer["errors"][1].startswith("[reward_server:INVALID_ARG:row=1] ")
+        assert f"tokens, more than the limit of {MAX_LEN}" in answer["errors"][1]
     with RemoteGPTRMClient(server.url) as client:
         ours = client.score(prepared(tokenizer, [QUERIES[0], QUERIES[1]]))[:, 0]
     np.testing.assert_allclose([answer["rewards"][0], answer["rewards"][2]], ours, atol=1e-6, rtol=0)
@@ -108,12 +117,15 @@ def test_a_bad_query_gets_nan_and_its_reason_and_the_others_are_scored(server, t
 
 @pytest.mark.server
 def test_requests_no_query_can_be_scored_from_get_a_one_line_400(server):
-    status, answer = remote_rm_fn(server.openrlhf_url, {"query": ["word " * 400]})
-    assert status == 400 and answer["error"].startswith("row 0: ") and "\n" not in answer["error"], answer
-    response = requests.post(server.openrlhf_url, data=b"{oops", timeout=60)
-    assert response.status_code == 400 and response.json()["error"].startswith("the body is not JSON")
-    status, answer = remote_rm_fn(server.openrlhf_url, {"queries": ["typo in the key"]})
-    assert status == 400 and '"query"' in answer["error"]
+    for url in server.urls:
+        status, answer = remote_rm_fn(url, {"query": ["word " * 400]})
+        assert status == 400 and "\n" not in answer["error"], answer
+        assert answer["error"].startswith("[reward_server:INVALID_ARG] [reward_server:INVALID_ARG:row=0] "), answer
+        response = requests.post(url, data=b"{oops", timeout=60)
+        assert response.status_code == 400
+        assert response.json()["error"].startswith("[reward_server:INVALID_ARG] the body is not JSON")
+        status, answer = remote_rm_fn(url, {"queries": ["typo in the key"]})
+        assert status == 400 and '"query"' in answer["error"]
 
 
 @pytest.mark.server
@@ -159,31 +171,3 @@ def test_verl_custom_reward_function_as_verls_reward_loop_calls_it(server, monke
                                    [s["ground_truth"] for s in samples], [s["extra_info"] for s in samples])
     np.testing.assert_allclose(batch, expected, atol=1e-6, rtol=0)
     json.dumps(batch)  # plain floats
-
-
-class _FakeService:
-    """What OpenRLHFEndpoint needs of RewardService: the decoder's limits and infer_openrlhf."""
-
-    def __init__(self, answer):
-        self.decoder = SimpleNamespace(rules=SimpleNamespace(max_request_bytes=10 ** 6))
-        self.answer, self.seen = answer, []
-
-    def infer_openrlhf(self, requests):
-        self.seen.append([bytes(r[0]).decode() for r in requests[0]["text"]])
-        return [self.answer]
-
-
-def test_endpoint_token_and_statuses_in_process():
-    tokenizer = SimpleNamespace(pad_token="<pad>", eos_token="</s>")
-    scored = {"rewards": np.array([[0.5]], dtype=np.float32), "error": np.array([[b""]], dtype=object)}
-    service = _FakeService(scored)
-    port = free_port()
-    OpenRLHFEndpoint(service, tokenizer, "127.0.0.1", port, "strip_and_append", 4, "secret",
-                     "triton-access-token").start()
-    url = f"http://127.0.0.1:{port}/get_reward"
-    assert remote_rm_fn(url, {"query": ["a</s><pad>"]})[0] == 401 and not service.seen
-    ok = requests.post(url, json={"query": ["a</s><pad>"]}, headers={"triton-access-token": "secret"}, timeout=30)
-    assert ok.status_code == 200 and ok.json()["rewards"] == [0.5] and service.seen == [["a</s>"]]
-    service.answer = failure(Unavailable("the reward server is shutting down; retry"))
-    busy = requests.post(url, json={"query": ["b"]}, headers={"triton-access-token": "secret"}, timeout=30)
-    assert busy.status_code == 503 and busy.json() == {"error": "the reward server is shutting down; retry"}

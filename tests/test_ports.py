@@ -24,7 +24,7 @@ READY = re.compile(r"ready after \d+ s: http://127\.0\.0\.1:(\d+)/v2/models/rewa
 def start(log: Path, cache: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "serve_reward_model.py"), "server.http_port=0", "server.grpc_port=0", "server.metrics_port=0",
-           f"model.cache_dir={cache}"]
+           "server.api_port=0", f"model.cache_dir={cache}"]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

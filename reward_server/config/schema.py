@@ -189,8 +189,23 @@ class ServerConfig:
         "moves to triton_metrics_port on the loopback; each scrape of metrics_port includes them.")
     triton_metrics_port: int = setting(0, "Triton's own metrics endpoint, on the loopback; 0: any free port.")
     openrlhf_port: Optional[int] = setting(
-        None, "OpenRLHF's remote reward model contract, POST /get_reward on this port (reward_server/openrlhf.py); "
-        "null: off.")
+    api_port: Optional[int] = setting(
+        30000, "The API port (docs/frameworks.md): vLLM's POST /classify, /pooling, GET /v1/models; SGLang's POST "
+        "/classify, /v1/embeddings, GET /get_model_info; slime's POST /slime/reward; OpenRLHF's POST /get_reward; GET "
+        "/health. 30000 is SGLang's default port, so AReaL's default http://localhost:30000/classify works unchanged. "
+        "Needs the aiohttp package. 0: any free port (printed in the ready line); null: off.")
+    api_host: Optional[str] = setting(None, "Address of the API port; null: server.host.")
+    api_concurrency: int = setting(
+        256, "API port: batches of requests scored at once (each waits on the engine on a thread of its own); more "
+        "wait their turn, their request_timeout_s running.")
+    request_timeout_s: Optional[float] = setting(
+        600.0, "API and OpenRLHF ports: a request not answered this many seconds after it arrived gets 504, and its "
+        "sequences that no forward has taken leave the queue uncomputed (so does a request whose client disconnects). "
+        "null: no limit.")
+    slime_reward_key: Optional[str] = setting(
+        None, "slime's POST /slime/reward answers a bare number (null), or {key: reward} for slime's --reward-key.")
+        None, "OpenRLHF's remote reward model contract, POST /get_reward, on a port of its own (serving/openrlhf.py); "
+        "the API port serves the same route. null: off.")
     openrlhf_eos: OpenRLHFEos = setting(
         OpenRLHFEos.strip_and_append, "strip_and_append: like OpenRLHF's serve_rm, pad and EOS tokens off both ends "
         "of each query, then one EOS; as_is: the query as sent.")

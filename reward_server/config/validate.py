@@ -2,6 +2,7 @@
 PRM rules), checked before any process group or weights; each problem is one `cannot start:` line."""
 
 import dataclasses
+import importlib.util
 import os
 from enum import Enum
 from pathlib import Path
@@ -76,7 +77,7 @@ def _choices(errors: List[ConfigError], node, prefix: str) -> None:
             errors.append(ConfigError(key, value, f"expected one of {', '.join(m.value for m in choices)}{optional}"))
 
 
-PORTS = ("http_port", "grpc_port", "metrics_port", "openrlhf_port", "triton_metrics_port")
+PORTS = ("http_port", "grpc_port", "metrics_port", "openrlhf_port", "triton_metrics_port", "api_port")
 
 
 def reward_problems(cfg: RewardConfig) -> List[ConfigError]:
@@ -161,6 +162,14 @@ def problems(cfg: ServeConfig, env: Optional[Mapping[str, str]] = None) -> List[
         elif port:
             ports[port] = name
     need(s.openrlhf_concurrency >= 1, "server.openrlhf_concurrency", "must be at least 1")
+    need(s.api_host is None or s.api_host != "", "server.api_host", "expected an address (null: server.host)")
+    need(s.api_port is None or importlib.util.find_spec("aiohttp") is not None, "server.api_port",
+         "needs the aiohttp package (pip install aiohttp), or server.api_port=null to turn the API port off")
+    need(s.api_concurrency >= 1, "server.api_concurrency", "must be at least 1")
+    need(s.request_timeout_s is None or s.request_timeout_s > 0, "server.request_timeout_s",
+         "must be positive (seconds; null: no limit)")
+    need(s.slime_reward_key is None or s.slime_reward_key != "", "server.slime_reward_key",
+         "expected a key (null: answer a bare number)")
     need(s.metrics_scrape_timeout_s > 0, "server.metrics_scrape_timeout_s", "must be positive (seconds)")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative (seconds)")
     need(s.drain_refuse_s >= 0, "server.drain_refuse_s", "must not be negative (seconds)")

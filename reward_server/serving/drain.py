@@ -24,7 +24,19 @@ class Admission:
         self._admit: dict = {}  # while draining: per model, requests still to take (queued in Triton before)
         self._dequeued_before = 0.0  # while draining: requests the stub took from Triton's queue before this time
         self.drained = {"in flight": 0, "queued": 0, "refused": 0}  # while draining: requests admitted, by rule
+        self.unready: Optional[str] = None  # why the API port's GET /health fails: set first thing in a drain,
+        # before the first refusal, so that a load balancer probing it stops sending before anyone gets a 503
         self._lock = threading.Lock()
+
+    def not_ready(self, why: str) -> None:
+        """GET /health (serving/api.py) fails from now on, with `why`."""
+        self.unready = self.unready or why
+
+    def health(self) -> Optional[str]:
+        """None while this server takes requests; else why not (draining, or the ranks failed)."""
+        if self.unready:
+            return self.unready
+        return str(self.refusing) if self.refusing is not None else None
 
     def drain(self, refusal: Unavailable, pending: dict, dequeued_before: float) -> None:
         """Refuse new requests with `refusal`, except those that Triton had already accepted when the drain began:

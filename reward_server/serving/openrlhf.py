@@ -1,4 +1,5 @@
-"""OpenRLHF's remote reward model contract, beside Triton on rank 0 (server.openrlhf_port; off by default).
+"""OpenRLHF's remote reward model contract: POST /get_reward on the API port (server.api_port), and on a port of its
+own when server.openrlhf_port is set (OpenRLHFEndpoint; off by default).
 
 OpenRLHF actors started with `--remote_rm_url http://host:port/get_reward` POST JSON `{"query": [text, ...]}`
 (newer versions add `"prompts"` and `"labels"`, which a reward model does not need: accepted and ignored) and
@@ -6,28 +7,31 @@ read `"rewards"` (newer versions also `"scores"` and `"extra_logs"`). Each query
 as one text. Its own `serve_rm` removes pad and EOS tokens from both ends of each query and appends one EOS
 before tokenizing; `server.openrlhf_eos=strip_and_append` (default) does the same with whole tokens
 (serve_rm's `str.strip(token)` removes any of the token's characters, which can eat the end of the text);
-`as_is` tokenizes the query as sent.
+`as_is` tokenizes the query as sent. Then the API port's text rule (api_inputs.py): a query that starts with the
+BOS string (decoded with skip_special_tokens=False from a templated prompt) gets no second BOS.
 
 The queries are one request's rows (ScoreRequest) for the same RewardService as Triton's `reward` model (same
 checks, limits, tokenizer, engine batching and prefix sharing). Answers:
   200 {"rewards": [r, ...], "scores": [r, ...], "extra_logs": {}, "errors": ["", ...]}
       a query that fails its checks gets NaN (json.dumps writes NaN, which Python's json and requests read,
-      and torch.tensor takes) and its reason in "errors"; a multi-label model gives a list per query
-  400 / 503 / 500 {"error": "..."}: no query could be scored (bad request / retry later / server fault);
-      OpenRLHF's client retries any of these a few times, then raises with our message in its log
-  401 without the inference token, when server.inference_token_* is set (header triton-access-token)
+      and torch.tensor takes; null would fail torch.tensor) and its reason in "errors"; a multi-label model gives a
+      list per query. An empty "query" list gets empty lists (OpenRLHF sends one to every URL after the first when
+      it is given several).
+  400 / 503 (Retry-After) / 504 / 500 {"error": "..."}: no query could be scored (bad request / retry later / not
+      scored within server.request_timeout_s / server fault); OpenRLHF's client retries any of these a few times,
+      then logs our message
+  401 without the inference token, when server.inference_token_* is set (`Authorization: Bearer <token>` or the
+      triton-access-token header)
 """
 
-import asyncio
 import json
 import logging
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from ..protocol import HTTP_STATUS, code_of
-from .requests import ScoreRequest, ScoreResult
-from .statuses import error_text, row_text
+from .api import ApiServer, bad_request, dumps, failure
+from .api_inputs import bos_added
+from .requests import ScoreRequest
+from .statuses import row_text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class BadRequest(ValueError):
 
 
 def parse(body: bytes) -> List[str]:
-    """The queries of an OpenRLHF request body."""
+    """The queries of an OpenRLHF request body (possibly none)."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -64,73 +68,62 @@ def parse(body: bytes) -> List[str]:
     queries = data["query"]
     if isinstance(queries, str):
         queries = [queries]
-    if not isinstance(queries, list) or not queries or not all(isinstance(q, str) for q in queries):
-        raise BadRequest('"query" must be a non-empty list of texts')
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise BadRequest('"query" must be a list of texts')
     for key in ("prompts", "labels"):
         if isinstance(data.get(key), list) and len(data[key]) != len(queries):
             raise BadRequest(f'"{key}" has {len(data[key])} entries, "query" has {len(queries)}')
     return queries
 
 
-class OpenRLHFEndpoint:
-    """An aiohttp server (already in our dependency tree through tritonclient[all]) in a thread of its own; each
-    request is scored on a worker thread, so that many callers wait on the engine at once."""
+class OpenRLHFRoute:
+    """POST /get_reward over an ApiServer: JSON -> ScoreRequest (the decoder's text rows) -> ScoreResult -> JSON."""
 
-    def __init__(self, service, tokenizer, host: str, port: int, eos_mode: str, concurrency: int,
-                 token: Optional[str], token_header: str):
-        self.service, self.host, self.port = service, host, port
+    def __init__(self, api: ApiServer, tokenizer, eos_mode: str):
+        self.api, self.service = api, api.service
         self.pad = tokenizer.pad_token if eos_mode == "strip_and_append" else None
         self.eos = tokenizer.eos_token if eos_mode == "strip_and_append" else None
-        self.token, self.token_header = token, token_header
-        self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="openrlhf")
-        self._ready = threading.Event()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._error: Optional[BaseException] = None
+        # text_rows tokenizes with model.add_special_tokens: the BOS rule applies when that adds the BOS token
+        self.bos = bos_added(tokenizer) if getattr(self.service.decoder, "add_special_tokens", False) else None
 
-    def start(self) -> None:
-        threading.Thread(target=self._run, name="openrlhf-endpoint", daemon=True).start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
+    def add_to(self, api: ApiServer) -> None:
+        api.add("POST", ROUTE, self.handle, "plain")
 
-    def _run(self) -> None:
+    def prepared(self, query: str) -> bytes:
+        text = openrlhf_text(query, self.pad, self.eos)
+        if self.bos and text.startswith(self.bos):
+            text = text[len(self.bos):]
+        return text.encode("utf-8", "surrogatepass")
+
+    async def handle(self, request):
         from aiohttp import web
 
-        self._loop = asyncio.new_event_loop()
-        app = web.Application(client_max_size=self.service.decoder.rules.max_request_bytes + (1 << 20))
-        app.router.add_post(ROUTE, self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        try:
-            self._loop.run_until_complete(runner.setup())
-            self._loop.run_until_complete(web.TCPSite(runner, self.host, self.port).start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _handle(self, request):
-        from aiohttp import web
-
-        if self.token and request.headers.get(self.token_header) != self.token:
-            return web.json_response({"error": f"inference needs the token (header {self.token_header})"},
-                                     status=401)
         try:
             queries = parse(await request.read())
         except BadRequest as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        raw = [openrlhf_text(q, self.pad, self.eos).encode("utf-8", "surrogatepass") for q in queries]
-        result = await asyncio.get_running_loop().run_in_executor(self._workers, self.score, raw)
+            raise bad_request(str(exc)) from None
+        if not queries:
+            return web.json_response({"rewards": [], "scores": [], "extra_logs": {}, "errors": []})
+        raw = [self.prepared(q) for q in queries]
+        result, _ = await self.api.score(request, lambda: ScoreRequest.decoded(self.service.decoder.text_rows, raw))
         if result.error is not None:
-            return web.json_response({"error": error_text(result.error)}, status=HTTP_STATUS[code_of(result.error)])
+            raise failure(result.error)
         rewards = result.rewards()
         values = rewards[:, 0].tolist() if rewards.shape[1] == 1 else rewards.tolist()
         errors = [row_text(i, e) if e is not None else "" for i, e in enumerate(result.errors)]
-        return web.json_response({"rewards": values, "scores": values, "extra_logs": {}, "errors": errors})
+        answer = {"rewards": values, "scores": values, "extra_logs": {}, "errors": errors}
+        return web.Response(text=dumps(answer), content_type="application/json")
 
-    def score(self, raw: List[bytes]) -> ScoreResult:
-        """One request of UTF-8 queries, on a worker thread. Never in Triton's queue: refused once draining."""
-        admit, refusal = self.service.admission.admit([None], "openrlhf")
-        request = ScoreRequest.decoded(self.service.decoder.text_rows, raw) if admit[0] else ScoreRequest(error=refusal)
-        return self.service.score(request)
+
+class OpenRLHFEndpoint:
+    """POST /get_reward alone on server.openrlhf_port (aiohttp, a thread of its own): each request scored on its own
+    worker thread, as before the API port; with the API port's auth, deadline and disconnect handling."""
+
+    def __init__(self, service, tokenizer, host: str, port: int, eos_mode: str, concurrency: int,
+                 token: Optional[str], token_header: str = "triton-access-token", timeout_s: Optional[float] = None):
+        self.api = ApiServer(service, host, port, token, timeout_s, gather_s=0.0, max_batch=1,
+                             concurrency=concurrency, name="OpenRLHF port")
+        OpenRLHFRoute(self.api, tokenizer, eos_mode).add_to(self.api)
+
+    def start(self) -> None:
+        self.api.start()
