@@ -188,7 +188,6 @@ class ServerConfig:
         8002, "Prometheus metrics: ours and Triton's (docs/operations.md, Metrics). Triton's own metrics endpoint "
         "moves to triton_metrics_port on the loopback; each scrape of metrics_port includes them.")
     triton_metrics_port: int = setting(0, "Triton's own metrics endpoint, on the loopback; 0: any free port.")
-    openrlhf_port: Optional[int] = setting(
     api_port: Optional[int] = setting(
         30000, "The API port (docs/frameworks.md): vLLM's POST /classify, /pooling, GET /v1/models; SGLang's POST "
         "/classify, /v1/embeddings, GET /get_model_info; slime's POST /slime/reward; OpenRLHF's POST /get_reward; GET "
@@ -205,6 +204,7 @@ class ServerConfig:
     slime_reward_key: Optional[str] = setting(
         None, "slime's POST /slime/reward answers a bare number (null), or {key: reward} for slime's --reward-key.")
         None, "OpenRLHF's remote reward model contract, POST /get_reward, on a port of its own (serving/openrlhf.py); "
+    openrlhf_port: Optional[int] = setting(
         "the API port serves the same route. null: off.")
     openrlhf_eos: OpenRLHFEos = setting(
         OpenRLHFEos.strip_and_append, "strip_and_append: like OpenRLHF's serve_rm, pad and EOS tokens off both ends "
