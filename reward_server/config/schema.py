@@ -203,8 +203,8 @@ class ServerConfig:
         "null: no limit.")
     slime_reward_key: Optional[str] = setting(
         None, "slime's POST /slime/reward answers a bare number (null), or {key: reward} for slime's --reward-key.")
-        None, "OpenRLHF's remote reward model contract, POST /get_reward, on a port of its own (serving/openrlhf.py); "
     openrlhf_port: Optional[int] = setting(
+        None, "OpenRLHF's remote reward model contract, POST /get_reward, on a port of its own (serving/openrlhf.py); "
         "the API port serves the same route. null: off.")
     openrlhf_eos: OpenRLHFEos = setting(
         OpenRLHFEos.strip_and_append, "strip_and_append: like OpenRLHF's serve_rm, pad and EOS tokens off both ends "
