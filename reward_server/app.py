@@ -114,6 +114,11 @@ def serve(cfg: ServeConfig) -> int:
     with d.heartbeats(cfg.parallel.heartbeat_s), lifecycle.triton_process_group() as reaper:  # noqa: F841
         pick_free_ports(cfg.server)  # the ports set to 0
         cfg.server.triton_metrics_port = r.triton_metrics_port
+        api = None
+        if cfg.server.api_port is not None:  # listening before Triton starts: GET /health answers 503 until ready
+            api = api_server(cfg, service, tokenizer, model_config, inference_token, r.max_length)
+            api.start()
+            cfg.server.api_port = api.port  # 0: the free port it took
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
     if cfg.server.openrlhf_port is not None:
         OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
@@ -123,11 +128,6 @@ def serve(cfg: ServeConfig) -> int:
     if api is not None:
         api.ready()
     lifecycle.write_pid()  # for the reward-server launcher, which stops the server through rank 0
-        api = None
-        if cfg.server.api_port is not None:  # listening before Triton starts: GET /health answers 503 until ready
-            api = api_server(cfg, service, tokenizer, model_config, inference_token, r.max_length)
-            api.start()
-            cfg.server.api_port = api.port  # 0: the free port it took
     draining = threading.Event()
 
     def drain(signum, _frame):
@@ -136,13 +136,13 @@ def serve(cfg: ServeConfig) -> int:
         if draining.is_set() or leader.failed is not None:
             return
         draining.set()
+        service.admission.not_ready("the reward server is draining")  # GET /health fails before the first refusal
         log.info("signal %d: draining and shutting down", signum)
 
         signalled = time.monotonic()
         threading.Thread(target=drain_then_stop, args=(cfg.server, service, leader, metrics, triton, signalled),
                          name="shutdown", daemon=True).start()
 
-        service.admission.not_ready("the reward server is draining")  # GET /health fails before the first refusal
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     try:
