@@ -100,7 +100,9 @@ def test_server_started_after_the_first_call(tmp_path, llama_ckpt, batches):
 
     threading.Thread(target=start_later, daemon=True).start()
     try:
-        with RemoteGPTRMClient(f"127.0.0.1:{port}", max_batch_size=8) as client:
+        # a server started with its client: the client waits for it as long as asked (a URL never seen answering
+        # is otherwise reported after wait_for_server_s, 10 s)
+        with RemoteGPTRMClient(f"127.0.0.1:{port}", max_batch_size=8, wait_for_server_s=120) as client:
             first = time.monotonic()
             seconds = actor_loop(client, calls[:20], expected[:20])
         print(f"first call answered {seconds[0]:.1f} s after it was made")
