@@ -146,3 +146,20 @@ def test_health_models_and_model_info(server, llama_ckpt):
     assert info["model_path"] == str(llama_ckpt) and info["is_generation"] is False
     ready = [line for line in server.log().splitlines() if "ready after" in line][-1]
     assert re.search(r"; API http://127\.0\.0\.1:\d+ \(/classify", ready), ready
+
+
+def test_the_examples_run_against_the_api_port(server):
+    """examples/ for AReaL, slime, vLLM scripts and verl, each against this server's API port."""
+    import os
+    import subprocess
+    import sys
+
+    from servers import REPO
+
+    env = {**os.environ, "REWARD_SERVER_API": server.api, "PYTHONPATH": str(REPO)}
+    for script, args in (("areal_classify.py", [f"{server.api}/classify"]),
+                         ("slime_remote_rm.py", [f"{server.api}/slime/reward"]),
+                         ("vllm_classify.py", [server.api]), ("verl_api_reward_fn.py", [])):
+        run = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert run.returncode == 0 and re.search(r"-?\d+\.\d+", run.stdout), (script, run.stdout, run.stderr[-2000:])

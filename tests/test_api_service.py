@@ -373,3 +373,16 @@ def test_leader_withdraw_drops_untaken_sequences_only(stack):
         assert _ids(12, 600) not in seen and _ids(13, 700) not in seen
     finally:
         scorer.delay = 0.0
+
+
+def test_vllm_activation_follows_problem_type_and_label_count():
+    from reward_server.serving.vllm_api import activation
+
+    one, two = np.array([[0.5], [-2.0]], dtype=np.float32), np.array([[0.5, 1.5], [3.0, -1.0]], dtype=np.float32)
+    np.testing.assert_allclose(activation(one, None, None), 1 / (1 + np.exp(-one.astype(np.float64))), rtol=1e-6)
+    np.testing.assert_allclose(activation(two, None, None), np.array([softmax(r) for r in two]), rtol=1e-6)
+    np.testing.assert_allclose(activation(two, "single_label_classification", True),
+                               np.array([softmax(r) for r in two]), rtol=1e-6)
+    np.testing.assert_allclose(activation(two, "multi_label_classification", None),
+                               1 / (1 + np.exp(-two.astype(np.float64))), rtol=1e-6)
+    assert (activation(two, "regression", None) == two).all() and (activation(two, None, False) == two).all()
