@@ -6,6 +6,7 @@ classification, DP=2), rlhflow (Llama chat, TP=2)."""
 
 from concurrent.futures import ThreadPoolExecutor
 import json
+import re
 import subprocess
 import sys
 
@@ -18,10 +19,13 @@ from tritonclient.utils import InferenceServerException
 from oracles import (TAG, load_tokenizer, one_id, ref_rlhflow, ref_token_classification, save_prm_checkpoint,
                      shepherd_reference, shepherd_texts)
 from reward_server.client import RemoteGPTRMClient
+from reward_server.protocol import INVALID_ARG, error_token
 from servers import Server, infer_outputs
 
 pytestmark = pytest.mark.timeout(600)
 
+# a request whose every row failed: its token, then the row's (protocol.py)
+BAD_ROW_0 = re.escape(f"{error_token(INVALID_ARG)} {error_token(INVALID_ARG, row=0)}")
 AGG = {"min": np.min, "last": lambda v: v[-1], "mean": np.mean, "product": np.prod}
 
 
@@ -149,14 +153,15 @@ def test_no_step_or_too_many_steps_is_a_row_error(shepherd):
     good = shepherd_texts(2, seed=11)
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(infer_outputs, srv.url, "text", rows) for rows in ([no_tag], good, [too_many, good[0]])]
-        with pytest.raises(InferenceServerException, match=r"^\[400\] row 0: no step found") as info:
+        with pytest.raises(InferenceServerException, match=rf"^\[400\] {BAD_ROW_0} no step found") as info:
             futures[0].result()
         assert info.value.status() == "400"
         outs = [futures[1].result(), futures[2].result()]
     expected = shepherd_reference(ckpt, tok, [tok(t)["input_ids"] for t in good])
     check(outs[0], expected, "min")
     mixed = outs[1]
-    assert mixed["error"][0, 0].startswith(b"row 0: 9 steps") and mixed["error"][1, 0] == b""
+    assert mixed["error"][0, 0].decode().startswith(f"{error_token(INVALID_ARG, row=0)} 9 steps")
+    assert mixed["error"][1, 0] == b""
     assert np.isnan(mixed["rewards"][0]).all() and np.isnan(mixed["step_rewards"][0]).all()
     assert mixed["num_steps"][0, 0] == 0 and mixed["num_steps"][1, 0] == len(expected[0])
     np.testing.assert_allclose(mixed["step_rewards"][1, :len(expected[0])], expected[0], atol=1e-5, rtol=0)
