@@ -90,7 +90,7 @@ def bad_cases():
     long_ids = ids_text(range(4, 4 + MAX_LEN + 1))
     bad_utf8 = b"caf\xc3\x28 \xff\xfe"
     return [
-        (R, [(text, column(b""), "BYTES")], "row 0: empty text"),
+        (R, [(text, column(b""), "BYTES")], r"\[reward_server:INVALID_ARG:row=0\] empty text"),
         (R, [(text, column(bad_utf8), "BYTES")], "not valid UTF-8"),
         (R, [(text, column(b"the answer is four. " * 40), "BYTES")], "more than the limit of 64"),
         (R, [(ids, column(b""), "BYTES")], "empty sequence"),
@@ -116,10 +116,10 @@ def bad_cases():
         (R, [(text, np.array([[b"a", b"b"]], dtype=object), "BYTES")], "unexpected shape"),
         (R, [(text, np.array([b"a", b"b"], dtype=object), "BYTES")], "unexpected shape"),
         (R, [(text, column(*[b"hello"] * (MAX_BATCH + 1)), "BYTES")], "batch-size must be <= 64"),
-        (R, [(text, column(b"x" * 1025), "BYTES")], r"row 0: 1025 bytes, more than the limit of 1024 \(server"),
+        (R, [(text, column(b"x" * 1025), "BYTES")], r"\[reward_server:INVALID_ARG:row=0\] 1025 bytes, more than the limit of 1024 \(server"),
         (R, [(ids, column(*[b"5 " * 1000] * 40), "BYTES")],
          r"request of 80000 bytes, more than the limit of 65536 \(server.max_request_bytes\)"),
-        (N, [("sentences", column(b"x" * 2000, b"y" * 2000), "BYTES")], "row 0: 2000 bytes.*; row 1: 2000 bytes"),
+        (N, [("sentences", column(b"x" * 2000, b"y" * 2000), "BYTES")], r"row=0\] 2000 bytes.*; \[reward_server:INVALID_ARG:row=1\] 2000 bytes"),
         (R, b'{"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["a"]',
          "failed to parse the request JSON"),
         (R, b'{"inputs": [{"name": "text", "shape": [2, 1], "datatype": "BYTES", "data": ["a"]}]}',
@@ -154,8 +154,8 @@ def bad_cases():
         (R, [(text, np.zeros((0, 1), dtype=object), "BYTES")], "expected 1 string elements"),
         (N, [("tokens", np.zeros((0, 4), dtype=np.int64), "INT64")], "byte size mismatch"),
         # slipped past the checks: the forward raises on every rank; only these requests may fail
-        (R, [(ids, column(f"5 6 {POISON} 7".encode()), "BYTES")], "row 0: the forward failed"),
-        (R, [(ids, column(f"{POISON} 5".encode()), "BYTES")], "row 0: the forward failed"),
+        (R, [(ids, column(f"5 6 {POISON} 7".encode()), "BYTES")], r"\[reward_server:INTERNAL:row=0\] the forward failed"),
+        (R, [(ids, column(f"{POISON} 5".encode()), "BYTES")], r"\[reward_server:INTERNAL:row=0\] the forward failed"),
     ]
 
 
@@ -165,14 +165,14 @@ def mixed_cases():
     rows64 = [ids_text([5 + i % 50, 6, 7]) for i in range(64)]
     rows64[37] = b"5 6 99999"
     return [
-        ("reward", [("text", column(b"fine", b""), "BYTES")], {1: "row 1: empty text"}, None),
-        ("reward", [("token_ids", column(b"5 6", bad_utf8), "BYTES")], {1: "row 1: token_ids must be integers"},
+        ("reward", [("text", column(b"fine", b""), "BYTES")], {1: "[reward_server:INVALID_ARG:row=1] empty text"}, None),
+        ("reward", [("token_ids", column(b"5 6", bad_utf8), "BYTES")], {1: "[reward_server:INVALID_ARG:row=1] token_ids must be integers"},
          [np.array([5, 6])]),
-        ("reward", [("token_ids", column(*rows64), "BYTES")], {37: "row 37: token id 99999 outside"},
+        ("reward", [("token_ids", column(*rows64), "BYTES")], {37: "[reward_server:INVALID_ARG:row=37] token id 99999 outside"},
          [np.array([5 + i % 50, 6, 7]) for i in range(64) if i != 37]),
         ("reward", [("token_ids", column(b"8 9", f"{POISON}".encode(), b"x" * 1500), "BYTES")],
-         {1: "row 1: the forward failed", 2: "row 2: 1500 bytes"}, [np.array([8, 9])]),
-        ("reward_model", nemo_tokens([np.array([9, POISON, 9]), np.array([9, 9])]), {0: "row 0: the forward failed"},
+         {1: "[reward_server:INTERNAL:row=1] the forward failed", 2: "[reward_server:INVALID_ARG:row=2] 1500 bytes"}, [np.array([8, 9])]),
+        ("reward_model", nemo_tokens([np.array([9, POISON, 9]), np.array([9, 9])]), {0: "[reward_server:INTERNAL:row=0] the forward failed"},
          [np.array([9, 9])]),
     ]
 
@@ -290,9 +290,9 @@ def test_grpc_gets_the_same_statuses(server):
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     try:
-        for rows, code, pattern in [([b""], grpc.StatusCode.INVALID_ARGUMENT, "^row 0: empty text$"),
-                                    ([b"x" * 5000], grpc.StatusCode.INVALID_ARGUMENT, "^row 0: 5000 bytes"),
-                                    ([f"{POISON}".encode()], grpc.StatusCode.INTERNAL, "^row 0: the forward failed")]:
+        for rows, code, pattern in [([b""], grpc.StatusCode.INVALID_ARGUMENT, r"^\[reward_server:INVALID_ARG\] \[reward_server:INVALID_ARG:row=0\] empty text$"),
+                                    ([b"x" * 5000], grpc.StatusCode.INVALID_ARGUMENT, r"^\[reward_server:INVALID_ARG\] \[reward_server:INVALID_ARG:row=0\] 5000 bytes"),
+                                    ([f"{POISON}".encode()], grpc.StatusCode.INTERNAL, r"^\[reward_server:INTERNAL\] \[reward_server:INTERNAL:row=0\] the forward failed")]:
             tensor = grpcclient.InferInput("text" if rows[0] != f"{POISON}".encode() else "token_ids", [1, 1], "BYTES")
             tensor.set_data_from_numpy(column(*rows))
             with pytest.raises(InferenceServerException) as info:

@@ -159,13 +159,15 @@ def test_a_failed_forward_fails_only_the_sequence_that_fails_alone(topo):
 
 def test_unavailable_fails_whole_works_and_a_batch_of_works_is_queued_as_one(topo):
     """Overloaded and an abort (ranks failed) fail whole works, never rows; submit_batch queues one Triton batch's
-    works at once (counted as one batch, refused together)."""
+    works at once (counted as one batch), each admitted on its own under max_queued_tokens."""
     leader = Leader(Engine(RecordingScorer(), topo), heartbeat_s=1, tokens_per_forward=BUDGET,
                     max_queued_tokens=100)
     first = leader.submit_batch([[torch.randint(4, 500, (30,))], [torch.randint(4, 500, (40,))]])
     assert (leader.queued_batches, leader.queued_tokens) == (1, 70)
-    refused = leader.submit_batch([[torch.randint(4, 500, (20,))], [torch.randint(4, 500, (20,))]])
-    assert all(isinstance(f.exception(timeout=1), Overloaded) for f in refused)
+    second = leader.submit_batch([[torch.randint(4, 500, (20,))], [torch.randint(4, 500, (20,))]])
+    assert not second[0].done() and isinstance(second[1].exception(timeout=1), Overloaded)  # 90 fit, 110 would not
+    assert (leader.queued_batches, leader.queued_tokens) == (2, 90)
+    first = first + second[:1]
     empty = leader.submit([])
     assert empty.result(timeout=1).rewards.shape[0] == 0 and empty.result(timeout=1).errors == []
     leader.abort(RanksFailed("reward ranks failed: test"))

@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,9 +20,6 @@ import tritonclient.http as httpclient
 from pytriton.client import ModelClient
 
 from oracles import reference_rewards
-from reward_server.serving import proxy_status
-from reward_server.serving.service import RewardService
-from reward_server.protocol import Unavailable
 from servers import running_server
 
 pytestmark = pytest.mark.timeout(600)
@@ -219,38 +215,3 @@ def test_sigterm_answers_accepted_requests_refuses_new_ones_and_exits_cleanly(se
     log = server.log()
     assert "rank 0 exited cleanly" in log and "rank 1 exited cleanly" in log, log[-3000:]
     print(next(line for line in log.splitlines() if line.startswith("drained: ")))
-
-
-class _Request:
-    def __init__(self, dequeued=None):
-        self.parameters = {} if dequeued is None else {proxy_status.DEQUEUED: dequeued}
-
-
-class _Service(RewardService):
-    def __init__(self):
-        super().__init__(leader=None, decoder=SimpleNamespace(native=None, nemo=None), outputs=None)
-        self.scored: list = []
-
-    def _infer(self, requests, decode):
-        self.scored += requests
-        return [{"ok": True} for _ in requests]
-
-
-def test_drain_admits_requests_taken_from_the_queue_before_the_signal_and_the_counted_queue_only():
-    service = _Service()
-    assert service.infer_native([_Request(8.0)]) == [{"ok": True}]  # not draining yet
-    service.admission.drain(Unavailable("shutting down"), {"native": 2, "nemo": 1}, dequeued_before=10.0)
-    before = [_Request(dequeued=9.0), _Request(dequeued=9.5)]  # left Triton's queue before: still on their way
-    queued = [_Request(dequeued=11.0), _Request(dequeued=11.2)]  # in Triton's queue at the signal (counted)
-    after = [_Request(dequeued=12.0), _Request()]  # sent after the signal (the second without a stamp)
-    answers = service.infer_native([before[0], queued[0]]) + service.infer_native([queued[1], before[1], after[0]])
-    answers += service.infer_native([after[1]])
-    assert [a == {"ok": True} for a in answers] == [True, True, True, True, False, False], answers
-    assert service.admission.admitting()  # one counted request of the NeMo model still to come
-    assert service.infer_nemo([_Request(13.0), _Request(13.1)])[0] == {"ok": True}
-    assert not service.admission.admitting()
-    service.admission._admit["native"] = 5  # even with Triton requests still to come: OpenRLHF's never queue in Triton
-    assert bytes(service.infer_openrlhf([{"text": None}])[0][proxy_status.STATUS][0]) == b"UNAVAILABLE"
-    refusal = answers[-1]
-    assert bytes(refusal[proxy_status.STATUS][0]) == b"UNAVAILABLE"
-    assert bytes(refusal[proxy_status.MESSAGE][0]) == b"shutting down"
