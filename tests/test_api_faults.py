@@ -116,3 +116,25 @@ def test_a_client_that_disconnects_while_queued_takes_its_rows_out(server):
     assert after["reward_server_withdrawn_sequences_total"] - before["reward_server_withdrawn_sequences_total"] == 2
     assert after["reward_server_withdrawn_tokens_total"] - before["reward_server_withdrawn_tokens_total"] == 41
     assert value(metrics(server), 'reward_server_api_withdrawn_total{reason="disconnected"}') == 1
+
+
+def test_health_fails_before_the_first_refusal_of_a_drain(server):
+    """SIGTERM drains: GET /health turns 503 first (app.py's signal handler), then requests are refused with 503;
+    a caller refused at any moment finds /health already failing. Last in this module: the server exits."""
+    seen = []
+    server.proc.send_signal(15)  # to torchrun, which passes it on to the ranks; rank 0 drains
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            answer = requests.post(f"{server.api}/classify", json={"input": [5, 6, 7]}, headers=AUTH, timeout=5)
+        except requests.RequestException:
+            break  # the port closed: the server is gone
+        if answer.status_code == 503:
+            health = requests.get(f"{server.api}/health", timeout=5)
+            seen.append((answer.json()["error"]["message"], health.status_code, health.text))
+            if len(seen) >= 3:
+                break
+    assert seen, "no request was refused during the drain"
+    for message, status, text in seen:
+        assert message.startswith("[reward_server:UNAVAILABLE:shutting_down]") and status == 503, (message, text)
+        assert json.loads(text) == {"error": "the reward server is draining"}

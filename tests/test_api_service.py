@@ -202,6 +202,8 @@ def test_errors_are_one_line_in_each_routes_shape(api, stack):
         ("/slime/reward", {"prompt": [], "response": "a"}, 400, "plain", '"prompt" must be'),
         ("/get_reward", {"queries": ["typo"]}, 400, "plain", '"query"'),
         ("/get_reward", b"not json", 400, "plain", "not JSON"),
+        ("/classify", json.dumps({"input": "x" * (3 << 20)}), 413, "vllm", "Too Large"),  # 4 x max_request_bytes
+        ("/get_reward", json.dumps({"query": ["x" * (3 << 20)]}), 413, "plain", "Too Large"),
     ]
     for path, body, status, shape, words in cases:
         response = post(f"{url}{path}", body)

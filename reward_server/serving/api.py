@@ -20,6 +20,7 @@ What every route shares lives here:
 import asyncio
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import threading
@@ -163,7 +164,11 @@ class ApiServer:
             try:
                 if auth:
                     self._authorize(request)
-                response = await handler(request)
+                try:
+                    response = await handler(request)
+                except web.HTTPException as exc:  # aiohttp's own (a body over the size limit): one line, our shape
+                    raise ApiError(exc.status, encode_error("INVALID_ARG" if exc.status < 500 else INTERNAL,
+                                                            exc.reason)) from None
             except ApiError as exc:  # `family` set on it: a route answering another engine's body (api_routes.py)
                 shape = getattr(exc, "family", None) or family
                 response = web.Response(text=dumps(error_body(shape, exc.status, str(exc), exc.param)),
@@ -307,10 +312,9 @@ class ApiServer:
         app = web.Application(client_max_size=limit)
         for method, path, handler in self.routes:
             app.router.add_route(method, path, handler)
-        try:  # handler_cancellation: a client that disconnects cancels its handler (aiohttp >= 3.9; before, always)
-            runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        except TypeError:
-            runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that disconnects cancels its handler (aiohttp >= 3.9 asks for it; before, always)
+        cancel = "handler_cancellation" in inspect.signature(web.Server.__init__).parameters
+        runner = web.AppRunner(app, access_log=None, **({"handler_cancellation": True} if cancel else {}))
         try:
             self._loop.run_until_complete(runner.setup())
             self._loop.run_until_complete(web.TCPSite(runner, self.host, self.port).start())
@@ -327,6 +331,8 @@ class ApiServer:
         """Close the port and end the server's thread (tests; the server's own exit does not wait for it)."""
         if self._loop is None or getattr(self, "_runner", None) is None:
             return
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout_s)
+        closing = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):  # a connection still open: stop anyway
+            closing.result(timeout_s)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._workers.shutdown(wait=False)
