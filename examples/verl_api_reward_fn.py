@@ -1,6 +1,8 @@
-"""A verl custom reward function that scores each rollout on the reward server's API port, with the request verl's
-own reward loop sends to its vLLM reward model (POST /classify, `use_activation: false`, reading
-`data[-1].probs[-1]`), so a run that used verl's DisRM gets the same numbers from a server it does not launch.
+"""A verl custom reward function that scores each rollout on the reward server's API port with the call verl's own
+reward loop makes to its vLLM reward model (POST /classify, `use_activation: false`, reading `data[-1].probs[-1]`),
+so a run that used verl's DisRM gets the same numbers from a server it does not launch. verl sends the conversation
+rendered with the RM's chat template, its BOS stripped; this sends it as `messages` and the server renders it: the
+same tokens (docs/frameworks.md, the text rule).
 
 verl config (the reward loop calls `compute_score` once per sample, concurrently, and awaits it):
 
