@@ -93,8 +93,9 @@ def stack(topo, tokenizer):
     assert not thread.is_alive()
 
 
-def start_api(service, tokenizer, token=None, timeout_s=None, delay_us=20000):
+def start_api(service, tokenizer, token=None, timeout_s=None, delay_us=20000, slime_key=None):
     cfg = ServeConfig()
+    cfg.server.slime_reward_key = slime_key
     cfg.server.api_port, cfg.server.request_timeout_s, cfg.batching.max_queue_delay_us = 0, timeout_s, delay_us
     model = SimpleNamespace(num_labels=WIDTH, id2label={0: "bad", 1: "good"}, problem_type=None)
     api = api_server(cfg, service, tokenizer, model, token, 200)
@@ -388,3 +389,13 @@ def test_vllm_activation_follows_problem_type_and_label_count():
     np.testing.assert_allclose(activation(two, "multi_label_classification", None),
                                1 / (1 + np.exp(-two.astype(np.float64))), rtol=1e-6)
     assert (activation(two, "regression", None) == two).all() and (activation(two, None, False) == two).all()
+
+
+def test_slime_reward_key_wraps_the_number(stack, tokenizer):
+    server = start_api(stack[0], tokenizer, slime_key="score")
+    try:
+        answer = post(f"http://127.0.0.1:{server.port}/slime/reward", {"prompt": "The answer", "response": " is 4.",
+                                                                      "label": "4"}).json()
+        assert answer == {"score": expected(tokenizer("The answer is 4.")["input_ids"])}
+    finally:
+        server.stop()
