@@ -50,7 +50,7 @@ def client(port: int, results: list, done: threading.Event, backoff_s: float) ->
 def test_sigterm_to_the_launcher_drains_and_everything_exits_0(tmp_path):
     log = tmp_path / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "reward_server.launcher", "--nproc_per_node", "2", "--standalone",
-                             "server.http_port=0", "server.grpc_port=0", "server.metrics_port=0",
+                             "server.http_port=0", "server.grpc_port=0", "server.metrics_port=0", "server.api_port=0",
                              f"model.cache_dir={tmp_path / 'cache'}"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
