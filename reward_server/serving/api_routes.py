@@ -14,7 +14,8 @@
 from typing import Optional
 
 from ..config import ServeConfig
-from .api import ApiServer, bad_request, read_json
+from .api import ApiServer
+from .api_errors import bad_request, read_json
 from .api_inputs import ApiInputs
 from .openrlhf import OpenRLHFRoute
 from .sglang_api import SGLangRoutes

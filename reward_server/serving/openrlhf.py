@@ -28,7 +28,8 @@ import json
 import logging
 from typing import List, Optional
 
-from .api import ApiServer, bad_request, dumps, failure
+from .api import ApiServer
+from .api_errors import bad_request, dumps, failure
 from .api_inputs import bos_added
 from .requests import ScoreRequest
 from .statuses import row_text

@@ -15,7 +15,7 @@ Errors: /classify {"error": {"message"}}, /v1/embeddings SGLang's OpenAI shape {
 import time
 import uuid
 
-from .api import bad_request, dumps, read_json, scored_whole
+from .api_errors import bad_request, dumps, read_json, scored_whole
 from .api_inputs import request as make_request
 
 

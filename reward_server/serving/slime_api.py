@@ -13,7 +13,7 @@ with 400 / 401 / 503 (Retry-After) / 504 / 500; slime retries any failure up to 
 
 from typing import Optional
 
-from .api import ApiError, bad_request, dumps, read_json, scored_whole
+from .api_errors import ApiError, bad_request, dumps, read_json, scored_whole
 from .api_inputs import request as make_request
 
 ROUTE = "/slime/reward"

@@ -23,7 +23,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from .api import ApiError, bad_request, dumps, scored_whole
+from .api_errors import ApiError, bad_request, dumps, scored_whole
 from .api_inputs import request as make_request
 
 NOT_SUPPORTED = ("truncate_prompt_tokens", "chat_template", "chat_template_kwargs", "mm_processor_kwargs",
@@ -137,7 +137,7 @@ class VLLMRoutes:
         return self._answer("classify", body, data, job.tokens())
 
     async def pooling(self, request):
-        from .api import read_json
+        from .api_errors import read_json
 
         body = await read_json(request)
         if not isinstance(body, dict):
