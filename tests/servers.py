@@ -7,6 +7,7 @@ serve_reward_model.py, reward_server.launcher, reward_server.check or a script o
 `-m "not server"` cannot start one unnoticed."""
 
 import contextlib
+import json
 import os
 import random
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -294,3 +296,96 @@ def value(text: str, name: str) -> float:
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert found, f"{name} not in the metrics"
     return float(found.group(1))
+
+
+class FakeTriton:
+    """An HTTP server on a free loopback port that speaks Triton's binary inference protocol the way our client
+    uses it: GET answers `config()` (a model config), POST decodes the request's BYTES rows and answers
+    `answer(rows)` -> (status, body, Inference-Header-Content-Length or None). Subclasses say what to answer."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from tritonclient.utils import deserialize_bytes_tensor
+
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body: bytes, headers=()):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, json.dumps(fake.config()).encode())
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                length = int(self.headers["Inference-Header-Content-Length"])
+                rows = [bytes(r).decode() for r in deserialize_bytes_tensor(body[length:])]
+                status, data, header_length = fake.answer(rows)
+                self._send(status, data, [("Inference-Header-Content-Length", str(header_length))]
+                           if header_length is not None else [])
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def config(self) -> dict:
+        return {"max_batch_size": 4}
+
+    def answer(self, rows):
+        raise NotImplementedError
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class DelayedProxy:
+    """Starts listening on `port` only after `delay_s`, then forwards every connection to `target_port`."""
+
+    def __init__(self, port: int, target_port: int, delay_s: float):
+        self.port, self.target_port, self.delay_s = port, target_port, delay_s
+        self.listening_since = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        time.sleep(self.delay_s)
+        with socket.create_server(("127.0.0.1", self.port)) as listener:
+            listener.settimeout(0.1)
+            self.listening_since = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    down, _ = listener.accept()
+                    up = socket.create_connection(("127.0.0.1", self.target_port))
+                except socket.timeout:
+                    continue
+                except OSError:
+                    down.close()
+                    continue
+                for a, b in ((down, up), (up, down)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()

@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from oracles import reference_rewards
-from servers import REPO, Server, free_port, rank_pids
+from servers import DelayedProxy, REPO, Server, free_port, rank_pids
 from reward_server.client import (RemoteGPTRMClient, RewardInputError, RewardServerError, RewardServerUnavailable,
                                   RewardTimeout)
 
@@ -145,47 +144,6 @@ def test_timeout_when_a_rank_stops_mid_request(server, sequences):
         finally:
             os.kill(subscriber, signal.SIGCONT)
         np.testing.assert_allclose(client.score(seqs), sequences[1][:40], atol=1e-4, rtol=0)  # server recovered
-
-
-class DelayedProxy:
-    """Starts listening on `port` only after `delay_s`, then forwards every connection to `target_port`."""
-
-    def __init__(self, port: int, target_port: int, delay_s: float):
-        self.port, self.target_port, self.delay_s = port, target_port, delay_s
-        self.listening_since = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self):
-        time.sleep(self.delay_s)
-        with socket.create_server(("127.0.0.1", self.port)) as listener:
-            listener.settimeout(0.1)
-            self.listening_since = time.monotonic()
-            while not self._stop.is_set():
-                try:
-                    down, _ = listener.accept()
-                    up = socket.create_connection(("127.0.0.1", self.target_port))
-                except socket.timeout:
-                    continue
-                except OSError:
-                    down.close()
-                    continue
-                for a, b in ((down, up), (up, down)):
-                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.mark.server

@@ -15,13 +15,13 @@ import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.utils import serialize_byte_tensor
 
 from oracles import reference_rewards
+import servers
 from servers import REPO, free_port
 from reward_server.client import (RemoteGPTRMClient, RewardInputError, RewardServerError, RewardServerUnavailable)
 from reward_server.protocol import (INTERNAL, INVALID_ARG, UNAVAILABLE, InputError, encode_error, parse_error,
@@ -60,7 +60,7 @@ def test_parse_response_takes_the_row_and_code_from_the_token():
 # ------------------------------------------------------------------------------------------- a fake Triton
 
 
-class FakeTriton:
+class FakeTriton(servers.FakeTriton):
     """Scores `text` rows (reward = the text's length); a row "bad" fails the checks. `mode` makes it answer as
     a server that is overloaded, shutting down, has lost its ranks, fails (INTERNAL), refuses the request as a
     whole, or is older than the tokens; `failures_left` limits how many requests get that answer."""
@@ -68,36 +68,7 @@ class FakeTriton:
     def __init__(self):
         self.mode, self.failures_left, self.calls = "ok", None, 0
         self._lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, body: bytes, headers=()):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send(200, json.dumps({"max_batch_size": 4}).encode())
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                length = int(self.headers["Inference-Header-Content-Length"])
-                rows = [bytes(r).decode() for r in deserialize_bytes_tensor(body[length:])]
-                status, data, header_length = fake.answer(rows)
-                self._send(status, data, [("Inference-Header-Content-Length", str(header_length))]
-                           if header_length is not None else [])
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        super().__init__()
 
     def answer(self, rows):
         from reward_server.engine.errors import Overloaded, RanksFailed, ShuttingDown
@@ -138,8 +109,6 @@ class FakeTriton:
         rewards = np.array([[np.nan if isinstance(r, BaseException) else r] for r in outcome], np.float32)
         return (200, *binary_response(rewards, errors))
 
-    def close(self):
-        self.server.shutdown()
         self.server.server_close()
 
 

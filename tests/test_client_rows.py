@@ -11,16 +11,15 @@ rewards of the good rows equal scoring them alone (1e-6) and a plain transformer
 
 import json
 import pickle
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
-from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+from tritonclient.utils import serialize_byte_tensor
 
 from oracles import reference_rewards
-from servers import free_port, running_server
+import servers
+from servers import running_server
 from reward_server.client import (RemoteGPTRMClient, RewardInputError, RewardServerError, RewardServerUnavailable,
                                   RowError, Scores)
 from reward_server.protocol import INTERNAL, INVALID_ARG, UNAVAILABLE
@@ -52,48 +51,22 @@ def steps_of(text: str) -> np.ndarray:
     return np.arange(1, len(text) + 1, dtype=np.float32) / 10
 
 
-class FakeTriton:
+class FakeTriton(servers.FakeTriton):
     """Scores `text` rows: reward = the text's length (`labels` columns: length, length + 1, ...); with `prm`, one
     step reward per character too. A row "bad" (or the token ids "0") fails the checks; a request holding "boom" fails as a server fault
     (500), one holding "busy" is refused as overloaded (503), always. The error texts are the server's own."""
 
     def __init__(self, labels: int = 1, prm: bool = False):
         self.labels, self.prm, self.calls = labels, prm, 0
-        fake = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, body: bytes, headers=()):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in headers:
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                outputs = [{"name": "rewards", "data_type": "TYPE_FP32", "dims": [str(fake.labels)]},
-                           {"name": "error", "data_type": "TYPE_STRING", "dims": ["1"]}]
-                if fake.prm:
-                    outputs += [{"name": "step_rewards", "data_type": "TYPE_FP32", "dims": ["-1"]},
-                                {"name": "num_steps", "data_type": "TYPE_INT32", "dims": ["1"]}]
-                self._send(200, json.dumps({"name": "reward", "max_batch_size": 4, "output": outputs}).encode())
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                length = int(self.headers["Inference-Header-Content-Length"])
-                rows = [bytes(r).decode() for r in deserialize_bytes_tensor(body[length:])]
-                status, data, header_length = fake.answer(rows)
-                self._send(status, data, [("Inference-Header-Content-Length", str(header_length))]
-                           if header_length is not None else [])
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def config(self) -> dict:
+        outputs = [{"name": "rewards", "data_type": "TYPE_FP32", "dims": [str(self.labels)]},
+                   {"name": "error", "data_type": "TYPE_STRING", "dims": ["1"]}]
+        if self.prm:
+            outputs += [{"name": "step_rewards", "data_type": "TYPE_FP32", "dims": ["-1"]},
+                        {"name": "num_steps", "data_type": "TYPE_INT32", "dims": ["1"]}]
+        return {"name": "reward", "max_batch_size": 4, "output": outputs}
 
     def answer(self, rows):
         from reward_server.engine.errors import Overloaded
@@ -127,10 +100,6 @@ class FakeTriton:
                 steps[i, :k] = steps_of(r)[:k]
             outputs += [("step_rewards", steps), ("num_steps", np.array(counts, np.int32).reshape(-1, 1))]
         return (200, *binary_response(outputs + [("error", errors.reshape(-1, 1))]))
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture

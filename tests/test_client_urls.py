@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from servers import free_port, running_server
+from servers import DelayedProxy, free_port, running_server
 from reward_server.client import (RemoteGPTRMClient, RewardServerError, RewardServerNotFound,
                                   RewardServerUnavailable)
 
@@ -300,47 +300,6 @@ def test_a_pool_with_a_server_never_seen(caplog):
 def server(tmp_path_factory):
     with running_server(tmp_path_factory.mktemp("client_urls"), []) as srv:
         yield srv
-
-
-class DelayedProxy:
-    """Listens on `port` only after `delay_s`, then forwards every connection to `target_port`."""
-
-    def __init__(self, port: int, target_port: int, delay_s: float):
-        self.port, self.target_port, self.delay_s = port, target_port, delay_s
-        self.listening_since = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self):
-        time.sleep(self.delay_s)
-        with socket.create_server(("127.0.0.1", self.port)) as listener:
-            listener.settimeout(0.1)
-            self.listening_since = time.monotonic()
-            while not self._stop.is_set():
-                try:
-                    down, _ = listener.accept()
-                    up = socket.create_connection(("127.0.0.1", self.target_port))
-                except socket.timeout:
-                    continue
-                except OSError:
-                    down.close()
-                    continue
-                for a, b in ((down, up), (up, down)):
-                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.mark.server

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from servers import free_port
 from reward_server import cli, launcher
 from reward_server.config import (AUTO_INSTANCES, AUTO_QUEUED_FORWARDS, DENSE_MASK_ROW_TOKENS, ConfigError, ModelInfo,
                                   RewardConfig, ServeConfig, config_doc, problems, resolve, resolve_backend)
@@ -423,24 +424,6 @@ def test_resolved_is_frozen_and_logged_once_by_rank_0(caplog):
 
 
 # ------------------------------------------------------------------------------------------ through torchrun
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range (one the kernel hands out may be taken again before torchrun binds
-    it)."""
-    import random
-    import socket
-
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_start = int(f.read().split()[0])
-    while True:
-        port = random.randrange(20000, min(ephemeral_start, 32768))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
 
 
 def torchrun(tmp_path, overrides, env=None, nproc=2):
