@@ -1,0 +1,130 @@
+"""A/B of the per-request path: 1-row requests from several client threads against the default server of two
+checkouts, interleaved (A, B, A, B, ...) so that load on the machine hits both alike; requests/s per run, then the
+median and the spread of each side and of the pairwise ratio.
+
+    git worktree add /tmp/ab_old 0835d90
+    python benchmarks/ab_requests.py --a /tmp/ab_old --b . --pairs 5 --clients 8 --seconds 20
+
+Each run starts `torchrun --nproc_per_node 2 <checkout>/serve_reward_model.py` (the embedded default model, free
+ports), waits for its ready line, sends for --seconds after a --warmup, and stops it.
+"""
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    while True:
+        port = random.randrange(20000, 30000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def start(checkout: Path, log: Path, cache: str):
+    http_port = free_port()
+    overrides = [f"server.http_port={http_port}", f"server.grpc_port={free_port()}",
+                 f"server.metrics_port={free_port()}", f"model.cache_dir={cache}"]
+    if "api_port" in (checkout / "reward_server" / "config" / "schema.py").read_text(errors="replace") \
+            if (checkout / "reward_server" / "config" / "schema.py").exists() else False:
+        overrides.append("server.api_port=0")
+    env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(checkout / "serve_reward_model.py"), *overrides],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=checkout)
+    deadline = time.monotonic() + 300
+    while "ready after" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.5)
+    return proc, http_port
+
+
+def stop(proc) -> None:
+    """torchrun and its ranks (each in a session of its own); rank 0's reaper takes Triton down."""
+    ranks = [int(pid) for tid in os.listdir(f"/proc/{proc.pid}/task")
+             for pid in open(f"/proc/{proc.pid}/task/{tid}/children").read().split()]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    time.sleep(2)  # the reaper frees the ports
+
+
+def load(port: int, clients: int, warmup: float, seconds: float) -> float:
+    """Requests/s of `clients` threads sending 1-row requests back to back on keep-alive connections."""
+    counts = [0] * clients
+    begin = time.monotonic() + warmup
+    end = begin + seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(i)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while (now := time.monotonic()) < end:
+            ids = " ".join(str(rng.randrange(4, 500)) for _ in range(rng.randrange(16, 128)))
+            body = json.dumps({"inputs": [{"name": "token_ids", "shape": [1, 1], "datatype": "BYTES",
+                                           "data": [ids]}]}).encode()
+            conn.request("POST", "/v2/models/reward/infer", body=body)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            if now >= begin:
+                counts[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", required=True, help="checkout A (e.g. a worktree of the old commit)")
+    parser.add_argument("--b", required=True, help="checkout B")
+    parser.add_argument("--pairs", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ab-"))
+    rates = {"A": [], "B": []}
+    for pair in range(args.pairs):
+        for side, checkout in (("A", args.a), ("B", args.b)) if pair % 2 == 0 else (("B", args.b), ("A", args.a)):
+            proc, port = start(Path(checkout).resolve(), work / f"{side}{pair}.log", str(work / "cache"))
+            try:
+                rate = load(port, args.clients, args.warmup, args.seconds)
+            finally:
+                stop(proc)
+            rates[side].append(rate)
+            print(f"pair {pair} {side}: {rate:.1f} requests/s", flush=True)
+    ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
+    print("\n| side | runs (requests/s) | median | min-max |\n|---|---|---|---|")
+    for side in "AB":
+        r = rates[side]
+        print(f"| {side} | {', '.join(f'{x:.0f}' for x in r)} | {statistics.median(r):.1f} | {min(r):.0f}-{max(r):.0f} |")
+    print(f"\nB/A per pair: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
