@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -49,7 +50,7 @@ def start(checkout: Path, log: Path, cache: str):
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             cwd=checkout)
     deadline = time.monotonic() + 300
-    while "ready after" not in log.read_text(errors="replace"):
+    while not re.search(r"^(ready after|serving models)", log.read_text(errors="replace"), re.M):  # new / old
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(log.read_text()[-3000:])
         time.sleep(0.5)
