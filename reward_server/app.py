@@ -83,9 +83,14 @@ def serve(cfg: ServeConfig) -> int:
     affinity = None
     if cfg.batching.replica_affinity and topo.dp_size > 1 and scorer.cache is not None:
         affinity = ReplicaAffinity(topo.dp_size, scorer.cache.capacity, layout.min_shared)
+    standin = None
+    if faults.standin_enabled(cfg.fault_injection):  # TEST ONLY: no model runs, each forward takes a GPU's time
+        scorer = standin = faults.StandInScorer(scorer, cfg.fault_injection.standin, topo.rank)
     if faults.enabled(cfg.fault_injection):
         scorer = faults.FaultInjectingScorer(scorer, cfg.fault_injection, topo.rank)
     engine = Engine(scorer, topo, layout, affinity)
+    if standin is not None:
+        engine = faults.StandInEngine(engine, standin)
     peers = d.peer_processes()
     if not topo.is_leader:
         # torchrun signals every rank; subscribers wait for rank 0's SHUTDOWN so in-flight batches finish.
@@ -103,7 +108,8 @@ def serve(cfg: ServeConfig) -> int:
     metrics = Metrics()
     if gate is not None:
         metrics.quantization_fidelity(gate["labels"])
-    leader = Leader(engine, cfg.parallel.heartbeat_s, budget, r.overlap, cfg.server.stats_log_s, layout.sharing,
+    overlap = r.overlap or (standin is not None and cfg.batching.overlap)  # the stand-in's forwards overlap as on a GPU
+    leader = Leader(engine, cfg.parallel.heartbeat_s, budget, overlap, cfg.server.stats_log_s, layout.sharing,
                     layout.min_shared, r.max_queued_tokens, metrics)
     metrics.watch_queue(leader)
     service = RewardService(leader, kind.decoder(cfg, scorer, tokenizer, rules), kind.outputs(cfg, scorer, model_config),

@@ -9,13 +9,14 @@ from typing import List, Union, get_args, get_origin
 
 from .schema import BatchingConfig, DefaultModelConfig, FaultInjectionConfig, ModelConfig, ParallelConfig, RewardConfig, ServerConfig
 from .validate import show
+from .standin import StandInConfig
 
 
 # ------------------------------------------------------------------------------------------------- documentation
 
 SECTIONS = [("model", ModelConfig), ("model.default", DefaultModelConfig), ("reward", RewardConfig),
             ("parallel", ParallelConfig), ("batching", BatchingConfig), ("server", ServerConfig),
-            ("fault_injection", FaultInjectionConfig)]
+            ("fault_injection", FaultInjectionConfig), ("fault_injection.standin", StandInConfig)]
 
 
 def type_name(annotation) -> str:

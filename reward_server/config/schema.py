@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from .fidelity import QUANTIZED_PAIRS, QUANTIZED_SPEARMAN
 from .choices import Aggregate, Attention, Backend, BatchLayout, DType, OpenRLHFEos, Pooling, Quantization, RewardKind, StepScore, StepTagSource, Truncation
+from .standin import StandInConfig
 
 log = logging.getLogger("reward_server.config")
 
@@ -303,6 +304,7 @@ class FaultInjectionConfig:
         0.0, "Every forward sleeps this long first, so that requests are in flight when a test sends SIGTERM.")
     quantization_noise: float = setting(0.0, "With model.quantization: instead of torchao, each weight the recipe "
                                         "picks times (1 + this x N(0, 1)), seeded, on any device. 0: off.")
+    standin: StandInConfig = setting(doc="The stand-in scorer (benchmarks/standin.py).", factory=StandInConfig)
 
 
 @dataclass

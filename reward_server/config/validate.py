@@ -185,6 +185,9 @@ def problems(cfg: ServeConfig, env: Optional[Mapping[str, str]] = None) -> List[
     need(s.stats_log_s >= 0, "server.stats_log_s", "must not be negative (seconds; 0: only at exit)")
     errors += token_problems(s, env)
     need(f.forward_delay_s >= 0, "fault_injection.forward_delay_s", "must not be negative (seconds)")
+    need(f.standin.tokens_per_s >= 0, "fault_injection.standin.tokens_per_s", "must not be negative (0: off)")
+    need(f.standin.shared_speed > 0, "fault_injection.standin.shared_speed", "must be positive (1: as fast as unshared)")
+    need(f.standin.call_s >= 0, "fault_injection.standin.call_s", "must not be negative (seconds)")
     # the world torchrun starts (WORLD_SIZE; 1 without torchrun)
     world = env.get("WORLD_SIZE", "1")
     tp = p.tensor_parallel_size
