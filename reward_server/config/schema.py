@@ -153,6 +153,12 @@ class BatchingConfig:
         0, "Longest packed row, in tokens; 0 = auto: max_tokens_per_forward with flex_attention (its block mask "
         "skips other sequences' blocks), 2048 with a dense mask (sdpa, eager), whose attention work grows with the "
         "square of the row length.")
+    batch_invariant: bool = setting(
+        False, "packed layout: every sequence's rewards and step rewards are the same bits whether it is scored alone, "
+        "beside others, in a shared-prefix group, again, or on any data-parallel replica: one sequence per row at "
+        "offset 0, rows padded to a multiple of 128 tokens, no prefix sharing and no prefix cache; a self-test at "
+        "start-up refuses to start if this machine's kernels still differ. Measured on the CPU only; costs the "
+        "prefix sharing and padding (docs/invariance.md).")
     warmup: Optional[bool] = setting(
         None, "Run the forward on synthetic batches of a few shapes at start-up, so that kernel selection and "
         "flex_attention's / torch.compile's compilation happen before the first request. null = auto: on with CUDA, "
