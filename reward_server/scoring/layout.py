@@ -8,6 +8,9 @@ Two layouts (`batching.layout`):
           sequence's hidden states are those of a forward over it alone.
   padded  one sequence per row, rows padded to the longest of their call, with a 2D padding mask that
           transformers turns into its own causal mask: works with every attention implementation.
+Batch-invariant mode (`batching.batch_invariant`, packed kind only; scoring/invariant.py): one sequence per row
+at offset 0, no sharing, rows padded to a multiple of `invariant` tokens and a call holding only rows of one width,
+so a sequence's attention sees the same keys at the same places whatever it is batched with.
 A call holds rows of at most `budget` tokens in all (rows x padded width); a sequence longer than that gets a call
 of its own. Sequences are int64 numpy arrays on the CPU; every rank computes the same layout from the same ids.
 """
@@ -68,7 +71,7 @@ class Layout:
     min_shared: sequences sharing at least this many leading tokens stay in one row and one replica."""
 
     def __init__(self, kind: str, budget: int, pad_token_id: int, row_tokens: int = 0, sharing: bool = True,
-                 min_shared: int = 32, pad_multiple: int = 1):
+                 min_shared: int = 32, pad_multiple: int = 1, invariant: int = 0):
         if kind not in ("packed", "padded"):
             raise ValueError(f"batching.layout={kind!r}: expected packed or padded")
         self.kind = kind
@@ -78,6 +81,10 @@ class Layout:
         self.sharing = sharing and kind == "packed"
         self.min_shared = max(1, min_shared)
         self.pad_multiple = max(1, pad_multiple)
+        self.invariant = invariant  # > 0: batch-invariant rows of a multiple of this many tokens (module docstring)
+        if invariant:
+            self.sharing = False
+            self.pad_multiple = _round_up(invariant, self.pad_multiple)
 
     def _units(self, seqs: Sequence[np.ndarray], idx: Sequence[int], cap: int):
         """Runs of sequences to keep together (in sorted order) with their trie sizes, each at most `cap` tokens;
@@ -104,6 +111,9 @@ class Layout:
         if self.kind == "padded":
             yield from self._padded_calls(seqs)
             return
+        if self.invariant:
+            yield from self._invariant_calls(seqs)
+            return
         run = self._units(seqs, range(len(seqs)), self.row_tokens)
         rows = []
         for members in first_fit_decreasing([c for _, c in run], self.row_tokens):
@@ -112,6 +122,17 @@ class Layout:
             rows.append(TrieRow(seqs, order, lcp))
         for group in micro_batches([len(r) for r in rows], self.budget):
             yield self._stack([rows[g] for g in group])
+
+    def _invariant_calls(self, seqs: Sequence[np.ndarray]) -> Iterator[Call]:
+        """One sequence per row at offset 0; the rows of a call all have one padded width, a function of their own
+        length alone; at most `budget` tokens per call (at least one row)."""
+        widths: dict = {}
+        for i, s in enumerate(seqs):
+            widths.setdefault(_round_up(len(s), self.pad_multiple), []).append(i)
+        for width in sorted(widths):
+            idx, per_call = widths[width], max(1, self.budget // width)
+            for a in range(0, len(idx), per_call):
+                yield self._stack([TrieRow(seqs, np.array([i]), np.zeros(1, np.int64)) for i in idx[a:a + per_call]])
 
     def _stack(self, rows: List[TrieRow]) -> Call:
         """Rows padded to one width; a pad token sees only itself."""

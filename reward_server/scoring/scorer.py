@@ -14,6 +14,7 @@ from torch.fx.experimental import _config as fx_config
 from .. import distributed as d
 from ..loading.checkpoint import StartupError
 from ..config import BatchingConfig, auto_row_tokens
+from .invariant import RowByRow, grid
 from .layout import Layout
 from .masks import TreeMasks, flex_block_size
 from .prefix_cache import PrefixCache
@@ -122,9 +123,17 @@ def build_scorer(model, readout, batching: BatchingConfig, pad_token_id: int, de
     if batching.layout == "packed":
         masks = TreeMasks(model.config, attn, model.dtype)
     row_tokens = auto_row_tokens(batching.packed_row_tokens, batching.max_tokens_per_forward, attn)
+    pad_multiple = flex_block_size() if flex else 1
+    invariant = 0
+    if batching.batch_invariant:  # scoring/invariant.py
+        if batching.layout != "packed":
+            raise StartupError("batching.batch_invariant=true needs batching.layout=packed (a padded row's width "
+                               "depends on its companions)")
+        invariant = grid(pad_multiple)
+        readout.head = RowByRow(readout.head)
     layout = Layout(batching.layout, batching.max_tokens_per_forward, pad_token_id, row_tokens=row_tokens,
                     sharing=batching.prefix_sharing, min_shared=batching.prefix_min_tokens,
-                    pad_multiple=flex_block_size() if flex else 1)
+                    pad_multiple=pad_multiple, invariant=invariant)
     if batching.prefix_cache_tokens < 0:
         raise StartupError(f"batching.prefix_cache_tokens={batching.prefix_cache_tokens}: expected a number of tokens "
                            "(0: no prefix cache)")

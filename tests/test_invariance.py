@@ -1,0 +1,124 @@
+"""Batch-invariant scoring (batching.batch_invariant, scoring/invariant.py), in one process on the CPU: with the mode
+on, every sequence's rewards (a scalar RM, fp32 and bf16) and step rewards (a math-shepherd-style PRM) are the same
+bits (np.array_equal, no tolerance) alone, beside unrelated sequences, inside its shared-prefix group, after its
+group warmed a scorer, and repeated; with it off (the default packed layout, prefix cache on) the same comparison
+finds differences, so the test can fail. The start-up self-test passes on this machine's kernels and refuses a
+scorer whose bits differ."""
+
+import numpy as np
+import pytest
+import torch
+
+from oracles import TinyPRM, save_seqcls_checkpoint
+from reward_server.config import BatchingConfig
+from reward_server.loading.checkpoint import StartupError
+from reward_server.scoring.invariant import mismatches, probe_sequences, self_test
+from reward_server.scoring.readout import LastToken
+from reward_server.scoring.scorer import build_scorer
+
+BUDGET = 1024
+WIDTH = 64  # columns every way's rows are compared at
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_seqcls_checkpoint(tmp_path_factory.mktemp("inv-llama"), "llama", seed=3)
+
+
+def scalar(ckpt, dtype, invariant):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").eval()
+    batching = BatchingConfig(max_tokens_per_forward=BUDGET, batch_invariant=invariant)
+    pad = model.config.pad_token_id
+    return lambda: build_scorer(model, LastToken(model.score, 1, pad), batching, pad, torch.device("cpu"))
+
+
+def cases(tokens, seed=0):
+    """Targets (a group's members sharing a 150-token prompt) and the sequences they are scored with."""
+    rng = np.random.default_rng(seed)
+    prompt = tokens(rng, 150)
+    group = [np.concatenate([prompt, tokens(rng, n)]) for n in (40, 10, 77, 3, 129)]
+    others = [tokens(rng, n) for n in (30, 200, 7, 300)]
+    return group, others
+
+
+def each_way(make, group, others):
+    """{way: rows of the group's sequences} for the ways a sequence can be batched, shared or cached with."""
+    def score(scorer, seqs):  # a PRM's width is the batch's most steps: every row widened to WIDTH columns
+        out = scorer([torch.from_numpy(s) for s in seqs]).float().numpy()
+        return np.pad(out, ((0, 0), (0, WIDTH - out.shape[1])))
+
+    ways = {"alone": np.concatenate([score(make(), [s]) for s in group])}
+    ways["beside others"] = np.concatenate([score(make(), [s] + others)[:1] for s in group])
+    warm = make()
+    ways["in its group"] = score(warm, group)
+    ways["repeated (cache hit)"] = score(warm, group[::-1])[::-1]
+    ways["one by one, warm cache"] = np.concatenate([score(warm, [s]) for s in group])
+    ways["group split over forwards"] = np.concatenate([score(make(), group[:2]), score(warm, group[2:] + others)[:3]])
+    return ways
+
+
+def differing(ways):
+    return [w for w, rows in ways.items() if not np.array_equal(rows, ways["alone"])]
+
+
+def ids(rng, n):
+    return rng.integers(4, 512, n).astype(np.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scalar_rewards_are_the_same_bits_every_way_with_the_mode_on(llama, dtype):
+    group, others = cases(ids)
+    assert differing(each_way(scalar(llama, dtype, True), group, others)) == []
+    assert differing(each_way(scalar(llama, dtype, False), group, others)), "the default path was equal: no test"
+
+
+def test_prm_step_rewards_are_the_same_bits_every_way_with_the_mode_on(tmp_path):
+    prm = TinyPRM(tmp_path)
+
+    def steps(rng, n):
+        return prm.steps(max(1, n // 20))
+
+    group, others = cases(steps, seed=1)
+    on = each_way(lambda: prm.scorer(BatchingConfig(max_tokens_per_forward=BUDGET, batch_invariant=True)),
+                  group, others)
+    assert differing(on) == [] and on["alone"].shape[1] > 3 and (on["alone"] != 0).any()
+    off = each_way(lambda: prm.scorer(BatchingConfig(max_tokens_per_forward=BUDGET)), group, others)
+    assert differing(off)
+
+
+def test_the_self_test_passes_here_and_refuses_differing_bits(llama):
+    scorer = scalar(llama, torch.float32, True)()
+    self_test(scorer, 512, BUDGET)  # this machine's kernels
+    assert scorer.layout.sharing is False and scorer.cache is None
+    default = scalar(llama, torch.float32, False)()
+    seqs = probe_sequences(512, BUDGET)
+    wobbly = Wobbly(default)
+    assert mismatches(wobbly, seqs, 512)
+    with pytest.raises(StartupError, match="batch_invariant"):
+        self_test(wobbly, 512, BUDGET)
+
+
+class Wobbly:
+    """A scorer whose rows move by one ulp with the batch size (as a split-K GEMM would)."""
+
+    def __init__(self, scorer):
+        self.scorer, self.cache = scorer, None
+
+    def __call__(self, seqs):
+        out = self.scorer(seqs)
+        return torch.nextafter(out, torch.full_like(out, np.inf)) if len(seqs) > 1 else out
+
+
+def test_the_mode_needs_the_packed_layout(llama):
+    with pytest.raises(StartupError, match="layout=packed"):
+        build_scorer_padded(llama)
+
+
+def build_scorer_padded(ckpt):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
+    batching = BatchingConfig(layout="padded", batch_invariant=True)
+    return build_scorer(model, LastToken(model.score, 1, 0), batching, 0, torch.device("cpu"))
