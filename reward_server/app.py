@@ -14,6 +14,7 @@ from .engine import Engine, Leader, run_subscriber
 from .kinds import kind_of
 from .loading import fidelity_gate, quantization
 from .loading.checkpoint import StartupError
+from .scoring import invariant
 from .scoring.affinity import ReplicaAffinity
 from .scoring.scorer import warm_up
 from .serving import lifecycle
@@ -76,6 +77,15 @@ def serve(cfg: ServeConfig) -> int:
     elif topo.is_leader:
         log.info("warm-up skipped: nothing to compile on the %s with %s attention (batching.warmup=true runs it)",
                  topo.device.type, attn)
+    if cfg.batching.batch_invariant:  # the same bits alone and batched on this machine's kernels, or no start
+        try:
+            invariant.self_test(scorer, model_config.vocab_size, cfg.batching.max_tokens_per_forward)
+        except StartupError as exc:
+            if topo.is_leader:
+                log.error("cannot start: %s", exc)
+            return 2
+        if topo.is_leader:
+            log.info("batch-invariant mode: the self-test found the same bits alone and batched")
     layout = scorer.layout
     if topo.is_leader:
         log.info("layout %s%s, forwards of up to %d tokens computed per replica", layout.kind,
