@@ -2,7 +2,7 @@
 far apart they are.
 
     python -m reward_server.check --model PATH [--url http://localhost:8000] [--n 64] [--texts FILE | --inputs FILE]
-                                  [--quantized]
+                                  [--quantized | --invariance]
 
 The sample is token ids drawn from the model's vocabulary: independent sequences of many lengths, and groups that
 share a prompt (the server computes a shared prefix once), each sent as `token_ids` so that both sides see the
@@ -16,6 +16,8 @@ the sequences instead: Spearman and the share of pairs ordered alike against flo
 a multi-label head), by the rule the server's start-up fidelity gate applies (reward_server/config/fidelity.py).
 The distances are given over every label and for --label alone. Exit status 0 when the check passes, 1 when it does
 not.
+--invariance (batching.batch_invariant=true): no reference; the sample alone, shuffled in random batches, by groups
+and again (cache hits); a sequence whose rewards differ in a bit from alone is a mismatch (exit 1).
 
 The references of a large sample take minutes on a GPU (1,000 sequences of 8B in float32: about 3); --references
 FILE keeps them (computed and saved when FILE is missing, loaded when it holds the same sequences), and
@@ -200,7 +202,43 @@ def run(args) -> dict:
     return report
 
 
+def invariance(args) -> dict:
+    """--invariance: the sample alone, in random batches, by groups and repeated; the sequences whose bits differ."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    seqs = sample(args.n, config.vocab_size, min(MAX_SAMPLE_TOKENS, config.max_position_embeddings), args.seed)
+    rows = [" ".join(map(str, s.tolist())).encode() for s in seqs]
+    rng = np.random.default_rng(args.seed + 1)
+
+    def score(order: List[int], sizes) -> np.ndarray:  # rewards in sample order, requests of the given sizes
+        out, at = np.zeros((len(seqs), config.num_labels), dtype=np.float32), 0
+        for size in sizes:
+            got = served_rewards(args.url, args.model_name, "token_ids", [rows[i] for i in order[at:at + size]],
+                                 args.timeout_s, size)
+            out[order[at:at + size]], at = got, at + size
+        return out
+    every = list(range(len(seqs)))
+    alone = score(every, [1] * len(seqs))
+    cuts = np.sort(rng.choice(np.arange(1, len(seqs)), max(1, len(seqs) // GROUP), replace=False))
+    sizes = np.diff(np.concatenate([[0], cuts, [len(seqs)]])).tolist()  # random request sizes, summing to n
+    shuffled, groups = [int(i) for i in rng.permutation(len(seqs))], [GROUP] * -(-len(seqs) // GROUP)
+    ways = {"random batches": score(shuffled, sizes), "by groups": score(every, groups),  # the last: cache hits
+            "repeated": score(every, [args.request_rows] * -(-len(seqs) // args.request_rows))}
+    bad = {way: [i for i in every if got[i].tobytes() != alone[i].tobytes()] for way, got in ways.items()}
+    return {"model": args.model, "url": args.url, "sequences": len(seqs), "pass": not any(bad.values()),
+            "mismatches": {w: len(b) for w, b in bad.items()},
+            "max_abs_diff": {w: float(np.abs(ways[w] - alone).max()) for w in ways},
+            "rule": "every sequence's rewards the same bits alone, in random batches, by groups and repeated"}
+
+
 def print_report(report: dict) -> None:
+    if "mismatches" in report:
+        for way, n in report["mismatches"].items():
+            print(f"  {way:16s} {n} of {report['sequences']} sequences differ from alone (max |diff| "
+                  f"{report['max_abs_diff'][way]:.3g})")
+        print(f"{'PASS' if report['pass'] else 'FAIL'}: {report['rule']}")
+        return
     if "labels" not in report:
         print(f"{report['sequences']} sequences, {report['tokens']} tokens: references saved to {report['references']}")
         return
@@ -228,6 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "--n sequences")
     p.add_argument("--quantized", action="store_true", help="the server is quantized (model.quantization): judge "
                    "the order of the rewards (Spearman >= --min-spearman, pairs >= --min-pairs)")
+    p.add_argument("--invariance", action="store_true", help="bits alone vs batched (batching.batch_invariant)")
     p.add_argument("--min-spearman", type=float, default=QUANTIZED_SPEARMAN, help="--quantized: the bar (the "
                    "default is the server's model.quantization_min_spearman; pass the value your server runs with)")
     p.add_argument("--min-pairs", type=float, default=QUANTIZED_PAIRS, help="--quantized: the share of pairs "
@@ -249,7 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.references_only and not args.references:
         p.error("--references-only needs --references FILE")
-    report = run(args)
+    report = invariance(args) if args.invariance else run(args)
     if args.json:
         print(json.dumps(report))
     else:

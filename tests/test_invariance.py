@@ -122,3 +122,41 @@ def build_scorer_padded(ckpt):
     model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32).eval()
     batching = BatchingConfig(layout="padded", batch_invariant=True)
     return build_scorer(model, LastToken(model.score, 1, 0), batching, 0, torch.device("cpu"))
+
+
+def scorer_as_server(scorer):
+    """A stand-in for check.served_rewards: an in-process scorer behind the requests (one forward per request)."""
+    def served(url, model_name, name, rows, timeout_s, request_rows=64):
+        return scorer([torch.from_numpy(np.array(r.decode().split(), dtype=np.int64)) for r in rows]).numpy()
+    return served
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["mode-on", "mode-off"])
+def test_check_invariance_passes_with_the_mode_and_reports_mismatches_without(llama, on, monkeypatch, capsys):
+    import json
+
+    from reward_server import check
+
+    monkeypatch.setattr(check, "served_rewards", scorer_as_server(scalar(llama, torch.float32, on)()))
+    code = check.main(["--model", str(llama), "--invariance", "--n", "24", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if on else 1) and report["pass"] is on
+    assert (sum(report["mismatches"].values()) == 0) is on, report
+
+
+@pytest.mark.server
+@pytest.mark.timeout(600)
+def test_check_invariance_through_a_dp2_server(start_server, llama):
+    """Two data-parallel replicas (gloo, CPU) with the mode on: the start-up self-test passes and check --invariance
+    finds the same bits every way; the default server, the same check, finds mismatches."""
+    import subprocess
+    import sys
+
+    for on in (True, False):
+        srv = start_server(nproc=2, overrides=[f"model.path={llama}", f"batching.batch_invariant={str(on).lower()}",
+                                               "batching.max_tokens_per_forward=1024"])
+        run = subprocess.run([sys.executable, "-m", "reward_server.check", "--model", str(llama), "--url", srv.url,
+                              "--invariance", "--n", "32"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == (0 if on else 1), run.stdout + run.stderr
+        assert ("PASS" if on else "FAIL") in run.stdout
+        srv.stop()
