@@ -21,7 +21,7 @@ from .. import distributed as d
 from ..distributed import Command
 from ..protocol import Unavailable
 from .errors import ForwardError, Overloaded, RankFault, RanksFailed, ShuttingDown
-from .plan import Work, plan_forward
+from .plan import Refill, Work, plan_forward
 from .retry import Scored, retries
 from .stats import EngineStats
 from .step import Engine, ForwardResult
@@ -102,6 +102,7 @@ class Leader:
         self._refusal: Optional[BaseException] = None  # why new work is refused once the ranks failed
         self.finished = False  # run() returned after SHUTDOWN
         self._launches: Deque[float] = deque()  # launch times of the forwards not finished yet (watchdog.py)
+        self.refill = Refill()  # with overlap: when to plan the next forward while one runs (plan.py)
 
     def submit(self, seqs: List[torch.Tensor], alone: bool = False) -> Future:
         """One work; see `submit_batch`."""
@@ -220,12 +221,16 @@ class Leader:
             while True:
                 if not stopping:
                     stopping = self._take_queued(wait=in_flight is None)
+                if in_flight is not None and not stopping:  # the callers just answered may be sending again
+                    stopping = self.refill.wait(in_flight.ready, partial(self._take_queued, False), self._pending)
                 self._prune()
                 planned = time.monotonic()
-                picked, _ = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
-                                         self.min_shared, self.cached) if self._pending else ([], 0)
+                picked, used = plan_forward(self._pending, self.tokens_per_forward, self.sharing,
+                                            self.min_shared, self.cached) if self._pending else ([], 0)
                 try:
                     launched = self._launch(picked, planned) if picked else None
+                    if launched is not None:
+                        self.refill.launched(used)
                 except BaseException:
                     # a rank that faulted in the forward still in flight has left the group, so this launch
                     # failed; answer that forward first, so its callers learn the cause (out of memory)
@@ -312,7 +317,7 @@ class Leader:
     def _finish(self, forward: InFlight, idle_after: bool) -> None:
         n = len(forward.picked)
         result = ForwardResult.from_reduced(forward.wait(), n)
-        self._launches.popleft()
+        launched_at = self._launches.popleft()
         self.stats.finished(n, forward.n_tokens, result.computed, result.reused, idle_after, forward.launch_s,
                             forward.gpu_seconds())
         if result.faulted_ranks:
@@ -334,10 +339,13 @@ class Leader:
         for (w, i), row in zip(forward.picked, result.rewards):
             w.rows[i] = row
             w.missing -= 1
+        answered = 0
         for w in works:
             if w.missing == 0:
                 self._pending.remove(w)
                 w.fut.set_result(Scored.of(w.rows, [None] * len(w.rows)))
+                answered += 1
+        self.refill.finished(launched_at, result.computed, answered, len(self._pending))
 
     def reject_queued(self, exc: BaseException) -> None:
         """Fail the batches waiting in the queue, e.g. ones that reached a Triton which is being restarted
