@@ -21,7 +21,7 @@ from reward_server import distributed as d
 from reward_server.config import ParallelConfig, ServeConfig
 from reward_server.engine import Engine, Leader
 from reward_server.engine.errors import Overloaded
-from reward_server.engine.leader import Withdrawn
+from reward_server.engine.admission import Withdrawn
 from reward_server.kinds.scalar import ScalarOutputs
 from reward_server.serving.api import ApiServer
 from reward_server.serving.api_routes import api_server

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, List, Optional
 
-from ..engine.leader import Withdrawn
+from ..engine.admission import Withdrawn
 from ..protocol import INTERNAL, encode_error
 from .requests import ScoreRequest, ScoreResult
 from .api_errors import DEFAULT_RETRY_AFTER_S, ApiError, dumps, error_body, failure

@@ -4,7 +4,7 @@ body read as JSON."""
 import json
 from typing import Any, Optional
 
-from ..engine.leader import Withdrawn
+from ..engine.admission import Withdrawn
 from ..protocol import HTTP_STATUS, OVERLOADED, UNAVAILABLE, code_of, encode_error
 from .requests import ScoreResult
 from .statuses import error_text
