@@ -10,8 +10,8 @@
 #   OUT=/tmp/sharing bash benchmarks/gpu_sharing.sh
 # Env: OUT (/tmp/sharing), MODEL (/tmp/rm8b) and PRM_MODEL (/tmp/prm8b), made by make_model.py when missing;
 # CONCURRENCY (64), REQUESTS (perf.py's --requests; 0: 8 x clients), N (1024 sequences per workload), READY_S (900),
-# STAGES (scalar_on scalar_off prm check soak; soak: benchmarks/soak.py against the 8B model in bf16 for SOAK_MIN
-# minutes, 10), SERVER_ARGS (overrides for every server).
+# STAGES (scalar_on scalar_off prm check soak; soak: benchmarks/soak.py against the 8B model in bf16, SOAK_REQUESTS
+# requests, 5000, each reward by the bf16 rule per reward), SERVER_ARGS (overrides for every server).
 set -uo pipefail
 OUT=${OUT:-/tmp/sharing}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
@@ -76,7 +76,7 @@ for stage in $STAGES; do
     stop "$pid"; wait "$pid" 2>/dev/null
     ;;
   soak)
-    python3 benchmarks/soak.py --model "$MODEL" --nproc 1 --device cuda --minutes "${SOAK_MIN:-10}" --clients 64 \
+    python3 benchmarks/soak.py --model "$MODEL" --nproc 1 --device cuda --requests "${SOAK_REQUESTS:-5000}" --clients 64 \
       --out "$OUT/soak" --json "$OUT/soak.json" ${SERVER_ARGS:-} > "$OUT/soak.log" 2>&1; echo "soak exit $?" | tee -a "$OUT/soak.log"
     ;;
   esac

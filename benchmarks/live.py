@@ -45,7 +45,8 @@ class LiveServer:
         if "api_port" in {f.name for f in dataclasses.fields(ServerConfig)}:  # a fixed default port: off
             overrides = ["server.api_port=null", *overrides]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", str(REPO / "serve_reward_model.py"), f"server.http_port={self.http_port}",
+               f"--master_port={free_port()}", str(REPO / "serve_reward_model.py"),
+               f"server.http_port={self.http_port}",
                f"server.grpc_port={free_port()}", f"server.metrics_port={self.metrics_port}", *overrides]
         self.log_path = log_path
         self._log = open(log_path, "w")

@@ -259,9 +259,10 @@ def main():
     p.add_argument("--requests", type=int, default=100_000, help="stop after this many requests")
     p.add_argument("--minutes", type=float, default=0, help="or after this long (0: no limit)")
     p.add_argument("--clients", type=int, default=48)
-    p.add_argument("--nproc", type=int, default=2, help="ranks: data-parallel replicas (parallel.tensor_parallel_size=1)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks: data-parallel replicas (tensor parallel size 1)")
     p.add_argument("--model", help="a checkpoint (default: a tiny random Llama made in --out)")
-    p.add_argument("--prm", action="store_true", help="a causal LM served as a math-shepherd PRM (tag 7, candidates 11/12)")
+    p.add_argument("--prm", action="store_true", help="a causal LM served as a math-shepherd PRM (tag 7, candidates "
+                   "11 / 12)")
     p.add_argument("--device", default="cpu", help="where the oracle runs (cuda: bfloat16 and float32, the bf16 rule)")
     p.add_argument("--vocab", type=int, default=0, help="token ids drawn below this (default: the model's vocabulary)")
     p.add_argument("--scale", type=float, default=1.0, help="sequence lengths x this")

@@ -116,7 +116,8 @@ def delta(a: dict, b: dict, name: str) -> float:
 
 def summary(kind: str, sharing: str, seqs, run: dict, budget: int) -> dict:
     b, a = run["before"], run["after"]
-    received, computed, forwards = delta(b, a, "tokens_received"), delta(b, a, "tokens_computed"), delta(b, a, "forwards")
+    received, computed = delta(b, a, "tokens_received"), delta(b, a, "tokens_computed")
+    forwards = delta(b, a, "forwards")
     unique = workload.trie_tokens(seqs) if sharing == "on" else sum(len(s) for s in seqs)
     s0, s1 = run["snaps"].get("from", b), run["snaps"].get("to", a)
     window_forwards = max(1.0, delta(s0, s1, "forwards"))

@@ -58,8 +58,8 @@ def standin_enabled(cfg: FaultInjectionConfig) -> bool:
 
 
 def standin_reward(seq: np.ndarray, depth: int, column: int) -> float:
-    """A fixed reward in [-1, 1) (exact in float32) for the token at `depth` of `seq` (column `column`): a hash of the tokens up to
-    it, so that like a causal model's it depends on that prefix alone, wherever the sequence was scored."""
+    """A fixed reward in [-1, 1), exact in float32, for the token at `depth` of `seq` (column `column`): a hash of
+    the tokens up to it, so that like a causal model's it depends on that prefix alone, wherever it was scored."""
     digest = hashlib.blake2b(seq[:depth + 1].tobytes() + int(column).to_bytes(4, "little"), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 40) / 2 ** 23 - 1.0  # 24 bits: exact in float32
 
@@ -76,8 +76,9 @@ class StandInScorer:
         self.computed_tokens = 0
         self.seconds = 0.0
         if rank == 0:
-            log.warning("TEST-ONLY stand-in scorer: no model runs; each call sleeps its tokens / %g tokens/s (x 1 / %g "
-                        "through the prefix cache) + %g s; fixed rewards", cfg.tokens_per_s, cfg.shared_speed, cfg.call_s)
+            log.warning("TEST-ONLY stand-in scorer: no model runs; each call takes its tokens / %g tokens/s (x 1 / %g "
+                        "through the prefix cache) + %g s; fixed rewards", cfg.tokens_per_s, cfg.shared_speed,
+                        cfg.call_s)
 
     def __getattr__(self, name):  # layout, cache, readout, output_width, ... of the wrapped scorer
         return getattr(self.scorer, name)

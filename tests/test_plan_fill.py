@@ -60,7 +60,8 @@ def test_the_wait_ends_when_the_callers_came_back_the_forward_is_done_or_the_sto
 def closed_loop(topo, model, share, clients=20, rounds=6):
     """`clients` callers, each sending its next 250-token sequence 5 ms after its previous one was answered, to a
     leader over the stand-in scorer (10,000 tokens/s: 200 ms per full forward). The forwards' computed tokens."""
-    stand = StandInScorer(scalar_scorer(model, budget=BUDGET, sharing=False), StandInConfig(tokens_per_s=10_000), rank=1)
+    stand = StandInScorer(scalar_scorer(model, budget=BUDGET, sharing=False), StandInConfig(tokens_per_s=10_000),
+                          rank=1)
     engine = StandInEngine(Engine(stand, topo), stand)
     leader = Leader(engine, heartbeat_s=1, tokens_per_forward=BUDGET, overlap=True)
     leader.refill = Refill(share)

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.server
 @pytest.mark.parametrize("prm", [False, True], ids=["scalar", "prm"])
 def test_a_short_soak_finds_every_reward_as_scored_alone(tmp_path, prm):
     report = tmp_path / "soak.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--requests", "200" if prm else "400", "--clients", "8",
-           "--out", str(tmp_path), "--json", str(report), f"model.cache_dir={tmp_path / 'cache'}"]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "soak.py"), "--requests", "200" if prm else "400",
+           "--clients", "8", "--out", str(tmp_path), "--json", str(report), f"model.cache_dir={tmp_path / 'cache'}"]
     if prm:
         cmd.insert(2, "--prm")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'benchmarks'}"}
