@@ -66,7 +66,7 @@ class ServerConfig:
         1.0, "SIGTERM: once the accepted requests are answered, keep answering new ones with 503 this long before "
         "Triton stops (while Triton stops, a request can meet a reset; after it, its port refuses connections).")
     triton_exit_timeout_s: int = setting(
-        2, "SIGTERM: once the drain is done (every accepted request answered, then drain_refuse_s of refusals), how "
+        1, "SIGTERM: once the drain is done (every accepted request answered, then drain_refuse_s of refusals), how "
         "long Triton may take to stop. It waits for the requests in flight, and under steady load new ones (refused "
         "at once) keep coming, so without a short limit it would wait out drain_timeout_s.")
     port_wait_s: float = setting(
