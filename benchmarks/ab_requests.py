@@ -16,7 +16,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,16 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    while True:
-        port = random.randrange(20000, 30000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
+from live import free_port  # benchmarks/live.py
 
 
 def start(checkout: Path, log: Path, cache: str):

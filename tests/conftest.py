@@ -70,3 +70,14 @@ def qwen2_ckpt(tmp_path_factory):
 def checkpoints(tmp_path_factory):
     """{family: checkpoint} for every family we serve, and "llama-19-labels" (oracles.save_family_checkpoints)."""
     return save_family_checkpoints(tmp_path_factory.mktemp("families"))
+
+
+@pytest.fixture(scope="module")
+def topo():
+    """A process group of one rank (gloo) for in-process engines; torn down with its module."""
+    from reward_server import distributed as d
+    from reward_server.config import ParallelConfig
+
+    topo = d.init_distributed(ParallelConfig(backend="gloo"))
+    yield topo
+    d.shutdown()

@@ -17,8 +17,7 @@ import requests
 import torch
 
 from oracles import build_tokenizer
-from reward_server import distributed as d
-from reward_server.config import ParallelConfig, ServeConfig
+from reward_server.config import ServeConfig
 from reward_server.engine import Engine, Leader
 from reward_server.engine.errors import Overloaded
 from reward_server.engine.admission import Withdrawn
@@ -62,13 +61,6 @@ def expected(ids):
 def softmax(row):
     e = np.exp(np.asarray(row, dtype=np.float64) - max(row))
     return e / e.sum()
-
-
-@pytest.fixture(scope="module")
-def topo():
-    topo = d.init_distributed(ParallelConfig(backend="gloo"))
-    yield topo
-    d.shutdown()
 
 
 @pytest.fixture(scope="module")

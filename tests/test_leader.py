@@ -11,8 +11,6 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from oracles import reference_rewards
-from reward_server import distributed as d
-from reward_server.config import ParallelConfig
 from reward_server.config import BatchingConfig
 from reward_server.engine import (Engine, ForwardError, ForwardResult, Leader, Overloaded, RanksFailed, Scored,
                                   ShuttingDown, Work, plan_forward)
@@ -21,13 +19,6 @@ from reward_server.scoring.readout import LastToken
 from reward_server.scoring.scorer import build_scorer
 
 BUDGET = 600
-
-
-@pytest.fixture(scope="module")
-def topo():
-    topo = d.init_distributed(ParallelConfig(backend="gloo"))
-    yield topo
-    d.shutdown()
 
 
 def packed_scorer(model, sharing=True):

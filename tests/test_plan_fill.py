@@ -12,21 +12,12 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from oracles import scalar_scorer
-from reward_server import distributed as d
-from reward_server.config import ParallelConfig
 from reward_server.config.standin import StandInConfig
 from reward_server.engine import Engine, Leader
 from reward_server.engine.plan import Refill
 from reward_server.faults import Done, StandInEngine, StandInScorer
 
 BUDGET = 2000
-
-
-@pytest.fixture(scope="module")
-def topo():
-    topo = d.init_distributed(ParallelConfig(backend="gloo"))
-    yield topo
-    d.shutdown()
 
 
 def test_the_wait_ends_when_the_callers_came_back_the_forward_is_done_or_the_stop_sign_came():

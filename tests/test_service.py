@@ -11,8 +11,6 @@ import pytest
 import requests
 import torch
 
-from reward_server import distributed as d
-from reward_server.config import ParallelConfig
 from reward_server.engine import Engine, Leader
 from reward_server.kinds.scalar import ScalarOutputs
 from reward_server.protocol import INTERNAL, INVALID_ARG, UNAVAILABLE, InputError, Unavailable, code_of
@@ -25,13 +23,6 @@ from reward_server.serving.service import RewardService
 from reward_server.serving.triton_infer import TritonInfer
 
 POISON = 3
-
-
-@pytest.fixture(scope="module")
-def topo():
-    topo = d.init_distributed(ParallelConfig(backend="gloo"))
-    yield topo
-    d.shutdown()
 
 
 class PoisonScorer:

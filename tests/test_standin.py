@@ -11,18 +11,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from oracles import scalar_scorer, sharing_cases, tree_depths
-from reward_server import distributed as d
-from reward_server.config import ParallelConfig, ServeConfig, problems
+from reward_server.config import ServeConfig, problems
 from reward_server.config.standin import StandInConfig
 from reward_server.engine import Engine, Leader
 from reward_server.faults import StandInEngine, StandInScorer, standin_enabled, standin_reward
-
-
-@pytest.fixture(scope="module")
-def topo():
-    topo = d.init_distributed(ParallelConfig(backend="gloo"))
-    yield topo
-    d.shutdown()
 
 
 @pytest.fixture(scope="module")
