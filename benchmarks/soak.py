@@ -234,8 +234,20 @@ def judge(seen: Seen, args, path: str) -> dict:
     if args.prm:
         step_worst = np.array([max(np.abs(e[3] - s).max(initial=0), np.abs(e[4] - s).max(initial=0))
                                if len(e[3]) == len(s) else np.inf for e, s in zip(entries, f32_steps)])
+    rechecked = 0
     if device == "cpu":
         bad = (worst > args.atol) | (step_worst > args.atol)
+        if args.oracle_batch > 1 and bad.any():  # the batched oracle's own rounding: each such sequence alone decides
+            again = np.flatnonzero(bad)
+            rechecked = len(again)
+            f32[again], alone_steps = oracle(path, [ids[k] for k in again], args.prm, torch.float32, device)
+            for k, st in zip(again, alone_steps):
+                f32_steps[k] = st
+            worst = np.maximum(np.abs(lo - f32), np.abs(hi - f32))
+            if args.prm:
+                step_worst[again] = [max(np.abs(entries[k][3] - f32_steps[k]).max(initial=0),
+                                         np.abs(entries[k][4] - f32_steps[k]).max(initial=0)) for k in again]
+            bad = (worst > args.atol) | (step_worst > args.atol)
         rule = f"float32: |served - plain float32| <= {args.atol:g}"
     else:
         bf16, bf16_steps = oracle(path, ids, args.prm, torch.bfloat16, device, args.oracle_batch)
@@ -247,7 +259,13 @@ def judge(seen: Seen, args, path: str) -> dict:
             bad |= np.array([np.any(np.maximum(np.abs(e[3] - s), np.abs(e[4] - s)) > BF16_SLACK * (p + mean))
                              if len(e[3]) == len(s) else True for e, s, p in zip(entries, f32_steps, plain_steps)])
         rule = f"bfloat16: |served - float32| <= {BF16_SLACK} x (|plain bfloat16 - float32| + its mean), per reward"
+    if bad.any():  # for a closer look: the sequences, what was served, the oracle
+        np.savez(Path(args.out) / "mismatches.npz", lengths=[len(ids[k]) for k in np.flatnonzero(bad)],
+                 ids=np.concatenate([ids[k] for k in np.flatnonzero(bad)]), lo=lo[bad], hi=hi[bad], oracle=f32[bad])
+    diffs = np.sort(worst)[::-1]
     return dict(distinct_sequences=len(entries), mismatches=int(bad.sum()), rule=rule, reward_std=float(f32.std()),
+                rechecked_alone=rechecked, largest_diffs=[float(x) for x in diffs[:5]],
+                over_half_atol=int((worst > args.atol / 2).sum()),
                 max_abs_diff=float(worst.max(initial=0)), max_step_abs_diff=float(step_worst.max(initial=0)),
                 served_spread_max=float((hi - lo).max(initial=0)), oracle_seconds=round(time.monotonic() - start, 1),
                 oracle_batch=args.oracle_batch, oracle_batched_vs_alone_max=float(alone.max(initial=0)),
