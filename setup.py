@@ -19,6 +19,7 @@ setup(
         "hydra-core==1.3.2",
         "tritonclient[all]==2.51.0",
         "prometheus-client>=0.20",
+        "aiohttp>=3.8",  # the API port (serving/api.py); tritonclient[all] brings it too
     ],
     extras_require={"test": ["pytest", "pytest-timeout", "requests"],
                     "fp8": ["torchao>=0.18"]},  # model.quantization=fp8: torchao built for your torch (README)
