@@ -95,7 +95,7 @@ def test_one_server_waits_out_its_backoff_then_gives_up_with_what_it_saw():
     started = time.monotonic()
     with pytest.raises(RewardServerUnavailable) as exc:
         pool(down, budget=0.5).request("POST", "/infer", b"", what="sequences 0..3")
-    assert 0.5 <= time.monotonic() - started < 1.0
+    assert 0.5 <= time.monotonic() - started < 2.0
     message = str(exc.value)
     assert message.startswith("reward server http://down:8000 unavailable for sequences 0..3: cannot connect")
     assert "is the server running there?" in message and 3 <= down.calls <= 10, (message, down.calls)

@@ -57,7 +57,7 @@ def test_counts_the_real_scorers_tokens_and_rewards_depend_on_the_sequence_alone
 
 
 def test_the_clock_runs_the_forwards_in_turn_and_shared_calls_run_slower(topo, model):
-    cfg = StandInConfig(tokens_per_s=20_000, shared_speed=0.5, call_s=0.01)
+    cfg = StandInConfig(tokens_per_s=4_000, shared_speed=0.5, call_s=0.01)  # slow enough for a loaded machine
     stand = StandInScorer(scalar_scorer(model, budget=4096), cfg, rank=1)
     engine = StandInEngine(Engine(stand, topo), stand)
     rng = np.random.default_rng(0)
@@ -68,9 +68,9 @@ def test_the_clock_runs_the_forwards_in_turn_and_shared_calls_run_slower(topo, m
     engine.forward(alone)
     first = engine.pending
     engine.forward(group)
-    assert time.monotonic() - start < 0.05  # both launched at once
-    assert first.at - start == pytest.approx(2000 / 20_000 + 0.01, abs=0.02)
-    assert engine.pending.at - first.at == pytest.approx(1000 / 10_000 + 0.01, abs=0.005)  # after the first
+    assert time.monotonic() - start < 0.25  # both launched at once
+    assert first.at - start == pytest.approx(2000 / 4_000 + 0.01, abs=0.2)
+    assert engine.pending.at - first.at == pytest.approx(1000 / 2_000 + 0.01, abs=0.005)  # after the first
     engine.pending.synchronize()
     assert time.monotonic() >= engine.pending.at
 
