@@ -136,10 +136,13 @@ def serve(cfg: ServeConfig) -> int:
             api.start()
             cfg.server.api_port = api.port  # 0: the free port it took
         triton = start_triton(cfg, service, instances, resolve_access_token(cfg), inference_token)  # reaper: lifecycle.py
+    ports = [api] if api is not None else []
     if cfg.server.openrlhf_port is not None:
-        OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port, cfg.server.openrlhf_eos,
-                         cfg.server.openrlhf_concurrency, inference_token, ACCESS_HEADER,
-                         cfg.server.request_timeout_s).start()
+        openrlhf = OpenRLHFEndpoint(service, tokenizer, cfg.server.host, cfg.server.openrlhf_port,
+                                    cfg.server.openrlhf_eos, cfg.server.openrlhf_concurrency, inference_token,
+                                    ACCESS_HEADER, cfg.server.request_timeout_s)
+        openrlhf.start()
+        ports.append(openrlhf.api)
     log.info(ready_line(cfg, time.monotonic() - started) + (ready_text(api) if api is not None else ""))
     if api is not None:
         api.ready()
@@ -156,7 +159,7 @@ def serve(cfg: ServeConfig) -> int:
         log.info("signal %d: draining and shutting down", signum)
 
         signalled = time.monotonic()
-        threading.Thread(target=drain_then_stop, args=(cfg.server, service, leader, metrics, triton, signalled),
+        threading.Thread(target=drain_then_stop, args=(cfg.server, service, leader, metrics, triton, signalled, ports),
                          name="shutdown", daemon=True).start()
 
     signal.signal(signal.SIGTERM, drain)

@@ -10,6 +10,7 @@ Nothing is written to disk (no outputs/ or .hydra/ directories).
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import time
@@ -259,7 +260,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     configure_logging(hydra_cfg)
     from .app import serve  # torch and the rest: only for a config that can start
 
-    sys.exit(serve(cfg))
+    code = serve(cfg)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: the interpreter's teardown of torch's C++ state after a clean stop can abort ("terminate called
+    # without an active exception", SIGABRT seen on a subscriber), turning a clean exit 0 into torchrun's failure.
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
-from ..protocol import TOKEN, UNAVAILABLE
+from ..protocol import RANKS_FAILED, SHUTTING_DOWN, TOKEN, UNAVAILABLE
 from .errors import RewardCancelled, RewardServerError, RewardTimeout, read_failure
 from .wire import error_text, triton_error
 
@@ -132,6 +132,8 @@ class HttpTransport:
             failure = read_failure(status, error_text(data))
             token = has_token(status, data)
             if failure.code == UNAVAILABLE:
+                if failure.reason in (SHUTTING_DOWN, RANKS_FAILED):  # this server is going away: end the
+                    conn.close()  # connection now, so its stop waits for no one and never resets us mid-request
                 raise Retry(f"HTTP {status}: {failure.message}", failure.reason or SERVER_UNAVAILABLE, token)
             if status == 404 and not token:
                 self._not_found(method, path, data)

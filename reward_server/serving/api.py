@@ -109,6 +109,9 @@ class ApiServer:
                 message = encode_error(INTERNAL, "the reward server failed on this request; see its log")
                 response = web.Response(text=dumps(error_body(family, 500, message)), status=500,
                                         content_type="application/json")
+            admission = getattr(self.service, "admission", None)
+            if admission is not None and admission.health() is not None:  # draining or failed: this port
+                response.force_close()  # closes soon, so `Connection: close` now: no keep-alive left to cut later
             if self.metrics is not None and hasattr(self.metrics, "api_request"):
                 self.metrics.api_request(route, response.status)
             return response
@@ -257,7 +260,9 @@ class ApiServer:
         self._loop.run_forever()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Close the port and end the server's thread (tests; the server's own exit does not wait for it)."""
+        """Stop listening (a new connection is refused before anything is sent), answer the requests in flight (at
+        most `timeout_s`), close the connections left (idle: every answer of a drain says `Connection: close`) and
+        end the server's thread. The drain calls it before Triton stops (drain.py)."""
         if self._loop is None or getattr(self, "_runner", None) is None:
             return
         closing = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)

@@ -78,11 +78,13 @@ class Admission:
         return False
 
 
-def drain_then_stop(server, service, leader, metrics, triton, signalled: float) -> None:
+def drain_then_stop(server, service, leader, metrics, triton, signalled: float, ports=()) -> None:
     """The drain after SIGTERM / SIGINT (`signalled`: time.monotonic() of the signal), on a thread of its own: new
     requests get 503 at once while Triton still answers them; those already accepted (at rank 0, or waiting in
     Triton's queue) are scored; then `server.drain_refuse_s` more of refusals, Triton's stop (at most
-    `server.triton_exit_timeout_s`) and the leader's, after which every rank exits 0."""
+    `server.triton_exit_timeout_s`) and the leader's, after which every rank exits 0. `ports`: our own aiohttp ports
+    (serving/api.py ApiServer), stopped before Triton: they stop listening, answer what is in flight and close
+    connections that every drain answer already asked the client to close (`Connection: close`)."""
     queued = metrics.triton_queued()
     service.admission.drain(ShuttingDown("the reward server is shutting down; retry"),
                             {"native": queued.get(server.model_name, 0), "nemo": queued.get(server.nemo_model_name, 0)},
@@ -98,6 +100,8 @@ def drain_then_stop(server, service, leader, metrics, triton, signalled: float) 
     log.info("drained: accepted requests answered %.1f s after the signal; admitted after it: %d on their way from "
              "Triton, %d from its queue; %d refused", answered, drained["in flight"], drained["queued"],
              drained["refused"])
+    for port in ports:
+        port.stop(timeout_s=server.triton_exit_timeout_s)
     started = time.monotonic()
     triton.stop()  # waits for requests still in flight, at most server.triton_exit_timeout_s
     log.info("Triton stopped in %.1f s (%.1f s after the signal)", time.monotonic() - started,
