@@ -1,8 +1,8 @@
 """Prefix reuse across forwards (scoring/prefix_cache.py), in one process, fp32 on the CPU: sequences that share a
 prefix with ones scored in earlier forwards (a GRPO group split over forwards, a search tree scored depth by depth,
 a prefix of an earlier sequence, a duplicate) get the rewards and step scores of each sequence scored alone by
-plain transformers (1e-5), for every model family the server supports; the ring evicts and stays exact; traffic that
-shares nothing never takes the cache's path; a failed call forgets what it planned; compiled layers with
+plain transformers (1e-5), for every model family the server supports; a small cache gives tokens up and stays
+exact, a shared prompt outliving its responses; traffic that shares nothing never takes the cache's path; a failed call forgets what it planned; compiled layers with
 flex_attention compile nothing after the warm-up."""
 
 import numpy as np
@@ -57,35 +57,73 @@ def test_step_scores_at_tags_inside_cached_prefixes(tmp_path):
     assert scorer.cache.reused_tokens >= len(solution)  # trie nodes: the solution once, shared by the three
 
 
-def test_a_small_ring_evicts_old_tokens_and_stays_exact(llama_ckpt):
+def check_slots(cache):
+    """Every slot is free or held by exactly one node; every node's slots are real ones."""
+    held, stack = [], [cache.tree.root]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children.values())
+        assert len(node.slots) == len(node.ids) and (node is cache.tree.root or node.slots.min() >= 0)
+        held.extend(node.slots.tolist())
+    assert sorted(held + cache.tree.free) == list(range(cache.capacity))
+
+
+def tiny_model(llama_ckpt):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-    scorer = scorer_with_cache(model, capacity=300)
+    return AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
+
+
+def test_a_small_cache_gives_tokens_up_and_stays_exact(llama_ckpt):
+    scorer = scorer_with_cache(tiny_model(llama_ckpt), capacity=300)
     forwards = forwards_of(sharing_cases(seed=12)) * 2
     got = score_in_forwards(scorer, forwards)
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
     cache = scorer.cache
     assert cache.reused_tokens > 0 and cache.written > 3 * cache.capacity
-    assert all(e.oldest >= cache.written - cache.capacity for e in cache.held.entries.values())
+    check_slots(cache)
 
 
-def test_a_call_that_wraps_the_ring_over_its_own_context_reads_the_context_first(llama_ckpt):
-    """A sequence scored again, all of it cached (its last token's final hidden state is its reward), beside new
-    tokens enough to wrap the ring onto that token's slot: the call must read the cached state before storing its
-    own tokens over it. (Seen in tests/test_load.py's CI run: one 32-token duplicate got another reward.)"""
-    from transformers import AutoModelForSequenceClassification
+def test_a_shared_prompt_outlives_its_responses_and_stays_exact(llama_ckpt):
+    """A GRPO group's first two members, then a forward of other work that needs more room than there is: the
+    cache gives up the members' responses, then one of that forward's own new responses, and keeps the prompt (a
+    ring would have dropped it with the first responses), so the group's late member computes only its response,
+    with the reward of a plain forward."""
+    scorer = scorer_with_cache(tiny_model(llama_ckpt), capacity=400)
+    rng = np.random.default_rng(21)
+    prompt, stem = rng.integers(4, 500, 100), rng.integers(4, 500, 40)
+    group = [np.concatenate([prompt, rng.integers(4, 500, 60)]) for _ in range(3)]
+    other = [np.concatenate([stem, rng.integers(4, 500, 150)]) for _ in range(2)]
+    forwards = [group[:2], other, group[2:]]
+    cache = scorer.cache
+    got = [scorer([torch.from_numpy(s) for s in forwards[0]]).numpy()]
+    assert cache.written == 220
+    got.append(scorer([torch.from_numpy(s) for s in forwards[1]]).numpy())  # 340 new tokens, 180 free
+    assert cache.lookup(group[0])[0] == 100 == cache.lookup(group[1])[0]  # the responses went, the prompt stayed
+    assert sorted(cache.lookup(s)[0] for s in other) == [40, 190] and cache.written == 220 + 190
+    reused = cache.reused_tokens
+    got.append(scorer([torch.from_numpy(s) for s in forwards[2]]).numpy())
+    assert cache.reused_tokens - reused == 100 and scorer.computed_tokens == 220 + 340 + 60
+    np.testing.assert_allclose(np.concatenate(got), reference_rewards(llama_ckpt, [s for f in forwards for s in f]),
+                               atol=ATOL, rtol=0)
+    check_slots(cache)
 
-    model = AutoModelForSequenceClassification.from_pretrained(llama_ckpt, dtype=torch.float32).eval()
-    scorer = scorer_with_cache(model, capacity=300)
+
+def test_a_call_larger_than_the_free_room_keeps_its_own_context(llama_ckpt):
+    """A sequence scored again, all of it cached (its last token's final hidden state is its reward), beside more
+    new tokens than the cache holds: the cache keeps the nodes the call reads and stores only the new tokens that
+    fit. (With a ring, the call's new tokens wrapped onto that token's slot: seen in tests/test_load.py's CI run,
+    one 32-token duplicate got another reward.)"""
+    scorer = scorer_with_cache(tiny_model(llama_ckpt), capacity=300)
     rng = np.random.default_rng(13)
     a = rng.integers(4, 500, 40).astype(np.int64)
     stem = rng.integers(4, 500, 40).astype(np.int64)
-    forwards = [[a, np.concatenate([a, rng.integers(4, 500, 5)])],  # stored: virtual slots 0-44
-                [a] + [np.concatenate([stem, rng.integers(4, 500, 130)]) for _ in range(2)]]  # 300 new: 45-344
+    forwards = [[a, np.concatenate([a, rng.integers(4, 500, 5)])],  # stored: 45 slots
+                [a] + [np.concatenate([stem, rng.integers(4, 500, 130)]) for _ in range(2)]]  # 300 new tokens
     got = score_in_forwards(scorer, forwards)
-    assert scorer.cache.written == 345  # a's last token (slot 39) was overwritten by token 339 of the second call
+    assert scorer.cache.lookup(a)[0] == 40 and scorer.computed_tokens == 345
     np.testing.assert_allclose(got, reference_rewards(llama_ckpt, [s for f in forwards for s in f]), atol=ATOL, rtol=0)
+    check_slots(scorer.cache)
 
 
 def test_traffic_that_shares_nothing_does_not_take_the_cache_path(llama_ckpt):

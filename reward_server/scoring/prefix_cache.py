@@ -9,14 +9,16 @@ q sees token k when k <= q <= ends[k] in the call's full trie (scoring/masks.py)
 only on the tokens up to it, so cached ones are exactly what the call would have computed (up to rounding);
 the readout reads a cached token's stored final hidden state.
 
-Storage: a ring of `capacity` token slots per layer (keys, values) plus one for final hidden states. Every
-computed token gets the next virtual slot v (physical slot v % capacity) and lives until `capacity` newer tokens
-were written; an entry (a sequence scored, with the slot of each of its tokens) lives while its oldest token does.
+Storage: `capacity` token slots per layer (keys, values) plus one for final hidden states; which slots hold
+which tokens is a radix tree (scoring/radix.py): a prefix several stored sequences share is held once, and when a
+call brings more than there is room for, what goes first are the leaves that branch off a shared prefix (a GRPO
+group's responses, the call's own among them), so that a group's prompt outlives its responses and its late
+members still find it. The nodes a call reads are never given up for it.
 Every rank of a replica sees the same calls and so takes the same decisions: no rank ever asks another what it
 holds. A call that fails clears the cache (its entries name slots that were not written); failures are alike on the
 ranks of a replica (a bad input), and if one ever were not, the ranks' calls would stop matching and the watchdog
-would restart the group. Calls without a trie (padded layout) do not use it, nor calls that share nothing, within themselves or with
-the cache: those run exactly as without it.
+would restart the group. Calls without a trie (padded layout) do not use it, nor calls that share nothing, within
+themselves or with the cache: those run exactly as without it.
 """
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -26,18 +28,11 @@ import torch
 
 from .. import distributed as d
 from .layout import _round_up
-from .trie import HeldPrefixes, trie_order
+from .radix import RadixTree
+from .trie import trie_order
 
 # Index of a context slot that holds nothing (padding): larger than any query's index, so nothing sees it.
 NOTHING = np.iinfo(np.int64).max // 2
-
-
-class Entry:
-    def __init__(self, ids: np.ndarray, slots: np.ndarray):
-        self.ids = ids
-        self.slots = slots  # virtual slot of each token
-        self.oldest = int(slots.min())
-        self.key = ids.tobytes()
 
 
 class Reuse:
@@ -123,29 +118,41 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Forget every entry (the storage stays allocated)."""
-        self.held = HeldPrefixes(self.min_shared)
-        self.written = 0
+        self.tree = RadixTree(self.capacity)
 
     def __len__(self) -> int:
-        return len(self.held)
+        return len(self.tree)  # sequences held
+
+    @property
+    def written(self) -> int:
+        """Token slots handed out so far (since the last clear)."""
+        return self.tree.written
 
     # ------------------------------------------------------------ planning (CPU)
-    def lookup(self, seq: np.ndarray) -> Tuple[int, Optional[Entry]]:
-        """The longest prefix of `seq` held by a live entry (0 when shorter than min_shared), and that entry."""
-        return self.held.longest(seq)
+    def lookup(self, seq: np.ndarray) -> Tuple[int, Optional[np.ndarray]]:
+        """The longest prefix of `seq` the cache holds (0 when shorter than min_shared), and its tokens' slots."""
+        shared, path = self.tree.match(seq)
+        if shared < self.min_shared:
+            return 0, None
+        return shared, self.tree.slots_of(path, shared)
 
     def plan(self, call, seqs: Sequence[np.ndarray]) -> Optional[Reuse]:
         """`call` (a packed layout.Call) over `seqs` (the call's members, in order) with its cached nodes taken out;
         None when nothing of it is cached and none of its sequences share a prefix of min_shared tokens: traffic
         that shares nothing (one response per prompt) runs as it would without the cache and is not stored."""
         rows, full = call.ids.shape
-        source = np.full(rows * full, -1, dtype=np.int64)  # virtual slot of each cached node
+        source = np.full(rows * full, -1, dtype=np.int64)  # slot of each cached node
+        tree = self.tree
+        tree.tick()
         hits = 0
         for j, seq in enumerate(seqs):
-            shared, entry = self.lookup(seq)
+            # the whole prefix held, even under min_shared (a chat template's first tokens): the call takes the
+            # cache's path anyway if it takes it at all, and a token held is never stored twice
+            shared, path = tree.match(seq)
             if shared:
-                source[call.path(j)[:shared]] = entry.slots[:shared]
-                hits += 1
+                tree.lock(path)
+                source[call.path(j)[:shared]] = tree.slots_of(path, shared)
+                hits += shared >= self.min_shared
         if not hits and (len(seqs) < 2 or trie_order(seqs)[1].max() < self.min_shared):
             return None
         source = source.reshape(rows, full)
@@ -168,7 +175,7 @@ class PrefixCache:
             reuse.kv_ends[r, ctx:ctx + len(w)] = call.ends[r, w]
             reuse.kv_positions[r, :len(c)] = call.positions[r, c]
             reuse.kv_positions[r, ctx:] = reuse.positions[r]
-            slots = source[r, c] % self.capacity
+            slots = source[r, c]
             reuse.context_slots[r, :len(c)] = slots
             reuse.context_read.append(slots)
             reuse.remap[r * full + w] = r * width + np.arange(len(w))
@@ -181,26 +188,22 @@ class PrefixCache:
         return reuse
 
     def _assign_slots(self, reuse: Reuse, source: np.ndarray, new: List[np.ndarray], seqs) -> None:
-        """Virtual slots for the call's new tokens (stored after the forward; when a call computes more than the
-        capacity, its last `capacity` tokens) and the entries for its sequences."""
-        call = reuse.call
+        """The call's sequences into the tree (those shorter than min_shared are not stored), then slots for the
+        new tokens it keeps (scoring/radix.py: when room is short, some of the call's new tokens are not stored;
+        never the nodes the call reads). They are stored after the forward."""
+        call, tree = reuse.call, self.tree
         rows, full = call.ids.shape
-        first = self.written
-        self.written += reuse.computed
-        horizon = self.written - self.capacity
-        slot = source.copy()
-        rr = np.concatenate([np.full(len(w), r, dtype=np.int64) for r, w in enumerate(new)])
-        cols = np.concatenate([np.arange(len(w), dtype=np.int64) for w in new])
-        virtual = first + np.arange(reuse.computed, dtype=np.int64)
-        for r, w in enumerate(new):
-            slot[r, w] = virtual[rr == r]
-        keep = virtual >= horizon
-        reuse.store_rows, reuse.store_cols, reuse.store_slots = rr[keep], cols[keep], virtual[keep] % self.capacity
-        flat = slot.reshape(-1)
+        slot = source.reshape(-1)
+        slot = np.where(slot >= 0, slot, -2 - np.arange(rows * full, dtype=np.int64))  # placeholders: -2 - index
         for j, seq in enumerate(seqs):
-            if len(seq) >= self.min_shared:  # a copy: the caller's array may be a view of a buffer it reuses
-                self.held.add(Entry(seq.copy(), flat[call.path(j)]))
-        self.held.evict(horizon)
+            if len(seq) >= self.min_shared:
+                tree.insert(seq, slot[call.path(j)])
+        placeholders, slots = tree.settle()
+        at = -2 - placeholders  # the stored tokens' indices in the call (row * full + column)
+        col = np.full(rows * full, -1, dtype=np.int64)  # each new token's column among its row's new tokens
+        for r, w in enumerate(new):
+            col[r * full + w] = np.arange(len(w))
+        reuse.store_rows, reuse.store_cols, reuse.store_slots = at // full, col[at], slots
 
     # ------------------------------------------------------------ device side
     def kv(self, reuse: Reuse):
@@ -227,8 +230,8 @@ class PrefixCache:
 
     def finish(self, reuse: Reuse, kv, hidden: Optional[torch.Tensor]) -> torch.Tensor:
         """After the call's forward (`hidden`: its new tokens' final hidden states, None when all were cached): the
-        final hidden states the readout takes, then the new tokens stored. In that order: the new tokens may wrap
-        the ring onto the slots of the call's own context (its keys and values were read during the forward)."""
+        final hidden states the readout takes, then the new tokens stored (in that order, though a call's new tokens
+        never take the slots of its own context: `make_room` leaves the nodes the call reads)."""
         states = self._hidden_states(reuse, hidden)
         if hidden is not None:
             self._store(reuse, kv, hidden)
