@@ -2,6 +2,7 @@
 service and its front doors (Triton, OpenRLHF); then serve until shutdown. cli.py is the entry point."""
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -42,9 +43,19 @@ def exit_with_launcher() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def stop_before_ready(signum, _frame) -> None:
+    """SIGTERM / SIGINT while the rank starts (loading, warm-up): nothing was accepted yet, so nothing to drain;
+    leave at once with exit code 0 (rank 0's Triton, if started, goes with it: lifecycle.py)."""
+    log.info("signal %d before the server was ready: rank %s stops", signum, os.environ.get("RANK", "0"))
+    logging.shutdown()
+    os._exit(0)
+
+
 def serve(cfg: ServeConfig) -> int:
     """Run one rank until shutdown; returns the process exit code."""
     exit_with_launcher()
+    signal.signal(signal.SIGTERM, stop_before_ready)  # until the subscriber's or the drain's own handling
+    signal.signal(signal.SIGINT, stop_before_ready)
     started = time.monotonic()
     kind = kind_of(cfg.reward.kind)
     topo = d.init_distributed(cfg.parallel)

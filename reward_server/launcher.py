@@ -15,7 +15,8 @@ torchrun starts one rank.
 
 Stopping: SIGTERM or Ctrl-C to this process goes to rank 0 once it is ready (it writes its pid to the file named by
 $REWARD_SERVER_PID_FILE): rank 0 drains, the ranks leave, and torchrun and this process exit 0 without torchrun's
-SignalException report. Before rank 0 is ready the signal goes to torchrun, which stops its ranks.
+SignalException report. Before rank 0 is ready the signal goes to each rank, which stops at once with exit code 0
+(nothing was accepted yet), and so do torchrun and this process.
 """
 
 import os
@@ -99,6 +100,21 @@ def _die_with_parent() -> None:  # in torchrun's process: SIGTERM when this laun
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def children(pid: int) -> List[int]:
+    """The processes whose parent is `pid` (torchrun's ranks), from /proc; [] where there is no /proc."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command's parentheses
+                found.append(int(entry))
+    return found
+
+
 def run(command: List[str], env: dict) -> int:
     """torchrun in a session of its own (a terminal's Ctrl-C reaches this process only), stopped through rank 0."""
     from .serving.lifecycle import PID_FILE_ENV
@@ -116,8 +132,10 @@ def run(command: List[str], env: dict) -> int:
                 rank0 = int(f.read().strip() or 0)
         except (OSError, ValueError):
             rank0 = 0
+        targets = [rank0] if rank0 else children(proc.pid)  # not ready yet: each rank stops at once, exit 0
         try:
-            os.kill(rank0, signum) if rank0 else proc.send_signal(signum)
+            for pid in targets or [proc.pid]:
+                os.kill(pid, signum)
         except ProcessLookupError:  # rank 0 gone already (a restart is starting it again): torchrun stops
             proc.send_signal(signum)
 

@@ -113,3 +113,26 @@ def test_sigterm_to_the_launcher_drains_and_everything_exits_0(tmp_path):
         # Triton's port: its HTTP server stops accepting (a new connection is reset, not refused) and cuts the
         # connections left at its exit timeout; the API port never
         assert max(closed) <= (0 if kind == "API port" else 2), (kind, closed)
+
+
+def test_sigterm_while_starting_stops_every_rank_with_exit_0(tmp_path):
+    """Ctrl-C while the model loads: nothing was accepted, so each rank stops at once (no drain, no traceback)."""
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "reward_server.launcher", "--nproc_per_node", "2", "--standalone",
+                             "server.http_port=0", "server.grpc_port=0", "server.metrics_port=0", "server.api_port=0",
+                             f"model.cache_dir={tmp_path / 'cache'}"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while "settings on the cpu" not in log.read_text():  # loaded, not ready yet
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert code == 0 and "Traceback" not in output, output[-3000:]
+    if "ready after" not in output:  # else the signal came after all, and the drain stopped it (the test above)
+        assert "rank 0 stops" in output and "rank 1 stops" in output, output[-3000:]
