@@ -91,7 +91,7 @@ def test_prm_step_rewards_are_the_same_bits_every_way_with_the_mode_on(tmp_path)
 def test_the_self_test_passes_here_and_refuses_differing_bits(llama):
     scorer = scalar(llama, torch.float32, True)()
     self_test(scorer, 512, BUDGET)  # this machine's kernels
-    assert scorer.layout.sharing is False and scorer.cache is None
+    assert scorer.layout.sharing and scorer.cache is not None and len(scorer.cache) == 0  # the probes forgotten
     default = scalar(llama, torch.float32, False)()
     seqs = probe_sequences(512, BUDGET)
     wobbly = Wobbly(default)
@@ -109,6 +109,46 @@ class Wobbly:
     def __call__(self, seqs):
         out = self.scorer(seqs)
         return torch.nextafter(out, torch.full_like(out, np.inf)) if len(seqs) > 1 else out
+
+
+def test_the_mode_shares_prefixes_and_reuses_the_cache(llama):
+    """With the mode on, a group's prompt is computed once (the tokens of its trie, as with the mode off), a
+    repeat computes nothing, and an extension of a cached sequence computes only its new tokens."""
+    group, others = cases(ids)
+    trie = len(group[0]) - 40 + sum(len(s) - 150 for s in group)
+    on, off = scalar(llama, torch.float32, True)(), scalar(llama, torch.float32, False)()
+    for scorer in (on, off):
+        scorer([torch.from_numpy(s) for s in group])
+        assert scorer.computed_tokens == trie
+    first = on([torch.from_numpy(s) for s in group]).numpy()
+    assert on.computed_tokens == trie and on.reused_tokens == trie
+    longer = np.concatenate([group[2], np.arange(4, 40)])
+    on([torch.from_numpy(longer)])
+    assert on.computed_tokens == trie + 36
+    assert np.array_equal(first, scalar(llama, torch.float32, True)()([torch.from_numpy(s) for s in group]).numpy())
+
+
+def test_trie_edge_cases_and_families_alone_and_together(tmp_path):
+    """Every sharing case of the trie (a tree 3 deep, a sequence that is a prefix of another, duplicates, a prefix
+    longer than the budget), on a model with sliding windows (mistral, every layer) and one with soft-capped
+    logits and alternating layers (gemma2, eager): together the same bits as alone, and plain transformers'
+    rewards within 1e-5."""
+    from oracles import reference_rewards, sharing_cases
+    from transformers import AutoModelForSequenceClassification
+
+    seqs = [s for case in sharing_cases().values() for s in case]
+    for arch, attn in (("mistral", "sdpa"), ("gemma2", "eager")):
+        ckpt = save_seqcls_checkpoint(tmp_path / arch, arch, seed=2)
+        model = AutoModelForSequenceClassification.from_pretrained(ckpt, dtype=torch.float32,
+                                                                   attn_implementation=attn).eval()
+        pad = model.config.pad_token_id
+        batching = BatchingConfig(max_tokens_per_forward=512, batch_invariant=True)
+        scorer = build_scorer(model, LastToken(model.score, 1, pad), batching, pad, torch.device("cpu"))
+        together = scorer([torch.from_numpy(s) for s in seqs]).numpy()
+        fresh = build_scorer(model, LastToken(model.score, 1, pad), batching, pad, torch.device("cpu"))
+        alone = np.concatenate([fresh([torch.from_numpy(s)]).numpy() for s in seqs])
+        assert np.array_equal(together, alone), arch
+        assert np.abs(together - reference_rewards(ckpt, seqs)).max() < 1e-5, arch
 
 
 def test_the_mode_needs_the_packed_layout(llama):

@@ -8,17 +8,22 @@ one) takes another kernel than n = 1, so the batch's number of pooled tokens (or
 And attention. The packed
 layout puts a sequence at an offset in its row that depends on its companions (and shares a prefix computed once,
 or reads it from the prefix cache with the new tokens' keys after it), and the CPU's flash attention cuts the keys
-into blocks from the row's start: another offset, another order of the softmax's sums (~1e-7 in fp32). A sequence
-at offset 0 of its own row, followed by padding that nothing sees, gets the same bits at any row width and any
-number of rows.
+into blocks from the row's start: another offset, another order of the softmax's sums (~1e-7 in fp32). Even a
+sequence at offset 0 of its own row is not safe: its bits moved with the padded row width (keys 256 vs 384, 768
+vs 896 for a 4 x 256 Llama, torch 2.13), the kernel's last key block taking another GEMM.
 
-So in this mode (scoring/layout.py `invariant`): one sequence per row at offset 0, no prefix sharing, no prefix
-cache, rows padded to a multiple of GRID tokens and a call holding rows of one width only (the width is a function
-of the sequence's own length: a kernel that picks its blocks by the key length sees one length per sequence),
-and the head applied to one pooled token at a time (`RowByRow`).
-`self_test` checks it on this machine's kernels before serving.
+So in this mode the attention is our own (`blocked_attention`, registered with transformers and named in the
+model's config only during the mode's calls): each item's keys are read by position from a store into fixed
+GRID x GRID tiles (positions 0..GRID-1 the first tile, ...), every tile is one GEMM shape, the softmax takes one
+exact max and the tiles' sums are added in tile order; a tile a query does not see adds exact zeros. A query's bits
+then depend only on its own sequence's keys, not on where they were computed: prefix sharing and the prefix cache
+stay on (scoring/blocks.py plans the items and holds the store), at any split point, since the tiles are counted
+from the sequence's own position 0 and not from where a shared prefix ends. The other layers act on one token at a
+time; the packed rows hold a multiple of GRID tokens, within the range measured. The head is applied to one pooled
+token at a time (`RowByRow`). `self_test` checks it on this machine's kernels before serving.
 """
 
+import contextlib
 from typing import List
 
 import numpy as np
@@ -27,6 +32,68 @@ import torch
 from ..loading.checkpoint import StartupError
 
 GRID = 128  # the attention block (flex_attention's default): rows are padded to a multiple of it
+ATTENTION = "reward_server_blocked"  # the mode's attention function, registered with transformers (below)
+
+
+def blocked_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                      sliding_window=None, invariant_plan=None, **kwargs):
+    """Attention in fixed GRID x GRID tiles, a sequence's keys in the blocks of its own positions (0..GRID-1 the
+    first, ...): each query's score tile, softmax and P@V are GEMMs of one shape, and its blocks are summed in
+    order 0, 1, 2, ... whatever else the call holds; a block the query does not see adds exact zeros. Its own
+    layout (`invariant_plan`, scoring/blocks.py): the call's packed rows of new tokens, each item's keys and
+    values in the plan's store (written here, then read by slot), so that context and new tokens line up by
+    position. fp32 inside (bf16 models too); exact softmax with one max over every block the query sees."""
+    if invariant_plan is None or kwargs.get("s_aux") is not None:
+        raise RuntimeError("batch-invariant attention: called without its plan, or on a model with attention sinks")
+    return invariant_plan.attend(module.layer_idx, query, key, value, scaling, softcap, sliding_window)
+
+
+def attend_tiles(q, k, v, qpos, softcap, window, full):
+    """q [n, Hkv, g * GRID, D] (one query block of n items, scaled, a kv head's g query heads stacked), k
+    [n, Hkv, nk * GRID, D] and v [..., D + 1] (values and a column of ones), each item's keys from its position 0;
+    qpos [n, GRID] (-1: padding, sees nothing); full: leading key blocks that every real query sees whole (no mask
+    there). Returns [n, Hkv, g * GRID, D] in fp32."""
+    n, hkv, gm, d = q.shape
+    nk = k.shape[2] // GRID
+    kb = k.float().view(n, hkv, nk, GRID, d).transpose(-1, -2)
+    vb = v.float().view(n, hkv, nk, GRID, d + 1)
+    s = torch.matmul(q[:, :, None], kb)  # [n, Hkv, nk, g * GRID, GRID]: one GEMM shape per tile
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    full = 0 if window is not None else min(full, nk)
+    if full < nk:
+        kpos = torch.arange(full * GRID, nk * GRID, device=q.device).view(nk - full, 1, GRID)
+        seen = kpos[None] <= qpos[:, None, :, None]  # [n, blocks, GRID q, GRID k]
+        if window is not None:
+            seen &= qpos[:, None, :, None] - kpos[None] < window
+        s[:, :, full:].view(n, hkv, nk - full, gm // GRID, GRID, GRID).masked_fill_(~seen[:, None, :, None],
+                                                                                    float("-inf"))
+    m = s.amax(dim=(2, 4), keepdim=True)  # exact, in any order
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    pv = torch.matmul(s.sub_(m).exp_(), vb)  # [n, Hkv, nk, g * GRID, D + 1]; the last column sums the weights
+    acc = pv[:, :, 0]
+    for j in range(1, nk):  # in block order, one add at a time
+        acc = acc + pv[:, :, j]
+    total = acc[..., d:]
+    return torch.where(total > 0, acc[..., :d] / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.zeros_like(total))
+
+
+def register_attention() -> None:
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, torch._dynamo.disable(blocked_attention))
+
+
+@contextlib.contextmanager
+def blocked(config):
+    """The model's layers call `blocked_attention` for the duration (the config names their attention function)."""
+    before = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
 
 
 def grid(pad_multiple: int = 1) -> int:

@@ -8,9 +8,9 @@ Two layouts (`batching.layout`):
           sequence's hidden states are those of a forward over it alone.
   padded  one sequence per row, rows padded to the longest of their call, with a 2D padding mask that
           transformers turns into its own causal mask: works with every attention implementation.
-Batch-invariant mode (`batching.batch_invariant`, packed kind only; scoring/invariant.py): one sequence per row
-at offset 0, no sharing, rows padded to a multiple of `invariant` tokens and a call holding only rows of one width,
-so a sequence's attention sees the same keys at the same places whatever it is batched with.
+Batch-invariant mode (`batching.batch_invariant`, packed kind only): scoring/blocks.py plans its calls (with its
+own attention, scoring/invariant.py); `calls` here lays out one sequence per row at offset 0 for the stand-in's
+booking, and `replica_shares` keeps shared-prefix groups together as with sharing.
 A call holds rows of at most `budget` tokens in all (rows x padded width); a sequence longer than that gets a call
 of its own. Sequences are int64 numpy arrays on the CPU; every rank computes the same layout from the same ids.
 """
@@ -82,8 +82,7 @@ class Layout:
         self.min_shared = max(1, min_shared)
         self.pad_multiple = max(1, pad_multiple)
         self.invariant = invariant  # > 0: batch-invariant rows of a multiple of this many tokens (module docstring)
-        if invariant:
-            self.sharing = False
+        if invariant:  # the mode's calls are planned by scoring/blocks.py; `calls` here only books them
             self.pad_multiple = _round_up(invariant, self.pad_multiple)
 
     def _units(self, seqs: Sequence[np.ndarray], idx: Sequence[int], cap: int):

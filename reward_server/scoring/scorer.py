@@ -14,7 +14,8 @@ from torch.fx.experimental import _config as fx_config
 from .. import distributed as d
 from ..loading.checkpoint import StartupError
 from ..config import BatchingConfig, auto_row_tokens
-from .invariant import RowByRow, grid
+from .blocks import BlockStore, SharedBlocks
+from .invariant import RowByRow, grid, register_attention
 from .layout import Layout
 from .masks import TreeMasks, flex_block_size
 from .prefix_cache import PrefixCache
@@ -37,7 +38,7 @@ def _cache_call_settings() -> contextlib.ExitStack:
 
 class Scorer:
     def __init__(self, backbone, readout, layout: Layout, masks, device: torch.device,
-                 cache: Optional[PrefixCache] = None):
+                 cache: Optional[PrefixCache] = None, blocks: Optional[SharedBlocks] = None):
         self.backbone = backbone
         self.readout = readout
         self.layout = layout
@@ -45,6 +46,7 @@ class Scorer:
         self.device = device
         self.cache = cache  # PrefixCache (packed layout with prefix sharing), or None
         self.cache_argument = cache_argument(backbone)
+        self.blocks = blocks  # batch-invariant mode: its layout, attention and store (its cache when kept)
         self.computed_tokens = 0  # tokens the backbone computed (no padding), all calls so far
 
     @property
@@ -59,6 +61,13 @@ class Scorer:
     def __call__(self, seqs: List[torch.Tensor]) -> torch.Tensor:
         arrays = [s.numpy() for s in seqs]
         out = torch.zeros(len(seqs), self.readout.output_width(arrays), dtype=torch.float32, device=self.device)
+        if self.blocks is not None:  # batch-invariant mode (scoring/blocks.py)
+            member, depth, column = self.readout.targets(arrays)
+            picked, computed = self.blocks(arrays, member, depth)
+            self.computed_tokens += computed
+            columns = None if column is None else self._device(column)
+            self.readout.write(out, self._device(member), columns, picked)
+            return out
         for call in self.layout.calls(arrays):
             members = [arrays[m] for m in call.members]
             hidden, index = self._hidden_states(call, members)
@@ -125,18 +134,25 @@ def build_scorer(model, readout, batching: BatchingConfig, pad_token_id: int, de
     row_tokens = auto_row_tokens(batching.packed_row_tokens, batching.max_tokens_per_forward, attn)
     pad_multiple = flex_block_size() if flex else 1
     invariant = 0
-    if batching.batch_invariant:  # scoring/invariant.py
+    if batching.batch_invariant:  # scoring/invariant.py, scoring/blocks.py
         if batching.layout != "packed":
             raise StartupError("batching.batch_invariant=true needs batching.layout=packed (a padded row's width "
                                "depends on its companions)")
         invariant = grid(pad_multiple)
         readout.head = RowByRow(readout.head)
+        register_attention()
     layout = Layout(batching.layout, batching.max_tokens_per_forward, pad_token_id, row_tokens=row_tokens,
                     sharing=batching.prefix_sharing, min_shared=batching.prefix_min_tokens,
                     pad_multiple=pad_multiple, invariant=invariant)
     if batching.prefix_cache_tokens < 0:
         raise StartupError(f"batching.prefix_cache_tokens={batching.prefix_cache_tokens}: expected a number of tokens "
                            "(0: no prefix cache)")
+    if invariant:
+        keep = layout.sharing and batching.prefix_cache_tokens > 0
+        store = BlockStore(batching.prefix_cache_tokens, layout.min_shared, device, keep)
+        blocks = SharedBlocks(model.base_model, store, layout.sharing, batching.max_tokens_per_forward,
+                              batching.max_tokens_per_forward, pad_token_id)
+        return Scorer(model.base_model, readout, layout, None, device, store if keep else None, blocks)
     cache = None
     if layout.sharing and batching.prefix_cache_tokens:
         cache = PrefixCache(batching.prefix_cache_tokens, batching.prefix_min_tokens, layout.pad_multiple,
