@@ -126,7 +126,7 @@ class Server:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-5000:]}")
             try:
                 if all(urllib.request.urlopen(f"{self.url}/v2/models/{m}/ready", timeout=2).status == 200
-                       for m in models):
+                       for m in models) and "ready after" in self.log():  # Triton's a moment before rank 0's line
                     return self
             except OSError:
                 pass
