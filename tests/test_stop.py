@@ -61,17 +61,26 @@ def client(port: int, path: str, body: bytes, results: list, done: threading.Eve
             time.sleep(backoff_s)
 
 
-def test_sigterm_to_the_launcher_drains_and_everything_exits_0(tmp_path):
-    log = tmp_path / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "reward_server.launcher", "--nproc_per_node", "2", "--standalone",
+def launch(tmp_path, log) -> subprocess.Popen:
+    """The default model on 2 ranks through the launcher, every port free, its output in `log`."""
+    return subprocess.Popen([sys.executable, "-m", "reward_server.launcher", "--nproc_per_node", "2", "--standalone",
                              "server.http_port=0", "server.grpc_port=0", "server.metrics_port=0", "server.api_port=0",
                              f"model.cache_dir={tmp_path / 'cache'}"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(proc, log, seen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not seen(log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_sigterm_to_the_launcher_drains_and_everything_exits_0(tmp_path):
+    log = tmp_path / "server.log"
+    proc = launch(tmp_path, log)
     try:
-        deadline = time.monotonic() + 180
-        while not READY.search(log.read_text()):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        wait_for(proc, log, lambda text: READY.search(text))
         port = int(READY.search(log.read_text()).group(1))
         api_port = int(API.search(log.read_text()).group(1))
         done = threading.Event()
@@ -118,15 +127,9 @@ def test_sigterm_to_the_launcher_drains_and_everything_exits_0(tmp_path):
 def test_sigterm_while_starting_stops_every_rank_with_exit_0(tmp_path):
     """Ctrl-C while the model loads: nothing was accepted, so each rank stops at once (no drain, no traceback)."""
     log = tmp_path / "server.log"
-    proc = subprocess.Popen([sys.executable, "-m", "reward_server.launcher", "--nproc_per_node", "2", "--standalone",
-                             "server.http_port=0", "server.grpc_port=0", "server.metrics_port=0", "server.api_port=0",
-                             f"model.cache_dir={tmp_path / 'cache'}"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = launch(tmp_path, log)
     try:
-        deadline = time.monotonic() + 180
-        while "settings on the cpu" not in log.read_text():  # loaded, not ready yet
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        wait_for(proc, log, lambda text: "settings on the cpu" in text)  # loaded, not ready yet
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
     finally:
