@@ -1,8 +1,9 @@
 """The cost of batch-invariant mode (batching.batch_invariant, docs/invariance.md) on the CPU, in process: tokens/s
 (as sent, before sharing) of the scorer with the mode on and off on the same model and sequences, called with
 --chunk sequences at a time (one scorer call per dynamic batch, as the server's forwards), a fresh scorer (empty
-prefix cache) for every pass, the passes of the two modes interleaved so that a loaded machine hits both alike.
-Also checks the two modes against each other (max |diff|) and the mode's rewards alone against in the run (equal).
+prefix cache) for every pass, the passes of the two modes interleaved so that a loaded machine hits both alike;
+the best pass of each mode, by wall time and by the process's CPU time (steadier on a shared machine). Also
+checks the two modes against each other (max |diff|) and the mode's rewards alone against in the run (equal).
 
   rlhf  48 independent sequences of 50..600 tokens
   grpo  6 prompts of 300 tokens x 8 answers of 50..400 tokens
@@ -57,8 +58,11 @@ def main():
     p.add_argument("--chunk", type=int, default=16, help="sequences per scorer call")
     p.add_argument("--budget", type=int, default=16384, help="batching.max_tokens_per_forward")
     p.add_argument("--workload", nargs="+", default=["rlhf", "grpo", "tree"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     model = model_4x256()
     pad = model.config.pad_token_id
 
@@ -73,20 +77,22 @@ def main():
         tensors = [torch.from_numpy(s) for s in seqs]
         chunks = [tensors[i:i + a.chunk] for i in range(0, len(tensors), a.chunk)]
         tokens = sum(len(s) for s in seqs)
-        best, outs, computed = {True: np.inf, False: np.inf}, {}, {}
+        best, cpu, outs, computed = {True: np.inf, False: np.inf}, {True: np.inf, False: np.inf}, {}, {}
         for k in range(a.passes + 1):  # pass 0: warm-up
             for on in (False, True):
                 s = scorer(on)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 outs[on] = torch.cat([s(c) for c in chunks]).numpy()
                 if k:
                     best[on] = min(best[on], time.perf_counter() - start)
+                    cpu[on] = min(cpu[on], time.process_time() - start_cpu)
                 computed[on] = s.computed_tokens
         alone = scorer(True)
         same = all(np.array_equal(alone([t]).numpy()[0], outs[True][i]) for i, t in enumerate(tensors))
         row = {"workload": name, "sequences": len(seqs), "tokens": tokens,
                "off_tokens_per_s": round(tokens / best[False]), "on_tokens_per_s": round(tokens / best[True]),
-               "on_vs_off": round(best[False] / best[True], 3), "computed_off": computed[False],
+               "on_vs_off": round(best[False] / best[True], 3), "on_vs_off_cpu_time": round(cpu[False] / cpu[True], 3),
+               "computed_off": computed[False],
                "computed_on": computed[True], "max_abs_diff_on_vs_off": float(np.abs(outs[True] - outs[False]).max()),
                "on_alone_equal": same}
         rows.append(row)
