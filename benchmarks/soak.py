@@ -4,10 +4,10 @@ Client threads send GRPO groups (a prompt's responses in one request, or one per
 earlier are answered, so their prompt comes from the prefix cache), tree searches (each depth's candidates extend
 one kept path), RLHF rows (nothing shared), prefixes of other rows, duplicates within a request and repeats of
 earlier requests (from any client), 1 to 8 rows per request, for --requests requests or --minutes. The server runs
-with prefix sharing, its prefix cache on a small ring (so it wraps over and over) and, by default, 2 data-parallel
-replicas on the CPU. Afterwards every distinct sequence is scored by plain transformers (the oracle: alone, or with
---oracle-batch in right-padded batches of about equal lengths, checked against forwards alone on a sample) and each
-reward the server returned for it is compared:
+with prefix sharing, a small prefix cache (2,000 tokens: it gives tokens up over and over) and, by default, 2
+data-parallel replicas on the CPU. Afterwards every distinct sequence is scored by plain transformers (the oracle:
+alone, or with --oracle-batch in right-padded batches of about equal lengths, checked against forwards alone on a
+sample) and each reward the server returned for it is compared:
   float32 (CPU): |served - oracle| <= --atol (1e-5);
   bfloat16 (GPU, --model an 8B checkpoint): per reward, |served - float32| <= 1.25 x (|plain bfloat16 - float32| +
   the sample's mean of that distance), the check command's rule (reward_server/check.py) applied per reward with
