@@ -136,8 +136,9 @@ class BatchingConfig:
     prefix_cache_tokens: int = setting(
         32768, "With prefix_sharing: keys and values of the tokens of recent forwards kept on the device (this many "
         "token slots; a prefix that several sequences share is kept past the responses that branch off it; KV memory "
-        "per token: 2 x layers x kv heads x head dim x 2 bytes, 128 KiB for an 8B Llama in bf16) so that a sequence sharing a prefix with one scored in an earlier forward computes only the rest (a "
-        "GRPO group split over forwards, a search's next depth). 0: off. See scoring/prefix_cache.py.")
+        "per token: 2 x layers x kv heads x head dim x 2 bytes, 128 KiB for an 8B Llama in bf16) so that a sequence "
+        "sharing a prefix with one scored in an earlier forward computes only the rest (a GRPO group split over "
+        "forwards, a search's next depth). 0: off. See scoring/prefix_cache.py.")
     replica_affinity: bool = setting(
         True, "With the prefix cache and several data-parallel replicas: a group of sequences goes to the replica "
         "whose cache probably holds its prefix, where that keeps the replicas' tokens computed about equal (every "
@@ -149,11 +150,10 @@ class BatchingConfig:
         "square of the row length.")
     batch_invariant: bool = setting(
         False, "packed layout: every sequence's rewards and step rewards are the same bits whether it is scored alone, "
-        "beside others, in a shared-prefix group, again, or on any data-parallel replica: the attention is our own, "
-        "reading each sequence's keys by position in fixed 128-token tiles, so prefix_sharing and the prefix cache "
-        "(prefix_cache_tokens, its own store: scoring/blocks.py) stay on; the head runs one row at a time. A "
-        "self-test at start-up refuses to start if this machine's kernels still differ. Measured on the CPU only "
-        "(docs/invariance.md).")
+        "beside others, in a shared-prefix group, again, or on any data-parallel replica: one sequence per row at "
+        "offset 0, rows padded to a multiple of 128 tokens, no prefix sharing and no prefix cache; a self-test at "
+        "start-up refuses to start if this machine's kernels still differ. Measured on the CPU only; costs the "
+        "prefix sharing and padding (docs/invariance.md).")
     warmup: Optional[bool] = setting(
         None, "Run the forward on synthetic batches of a few shapes at start-up, so that kernel selection and "
         "flex_attention's / torch.compile's compilation happen before the first request. null = auto: on with CUDA, "
