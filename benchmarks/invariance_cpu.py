@@ -7,6 +7,7 @@ checks the two modes against each other (max |diff|) and the mode's rewards alon
 
   rlhf  48 independent sequences of 50..600 tokens
   grpo  6 prompts of 300 tokens x 8 answers of 50..400 tokens
+  grpo_short  the same with answers of 10..60 tokens (most of every sequence shared)
   tree  4 questions of 150..400 tokens, 3 depths x 4 candidate steps of 30..120 tokens (benchmarks/workload.py)
 
     PYTHONPATH=. python benchmarks/invariance_cpu.py --passes 5 --json /tmp/invariance_cpu.json
@@ -45,11 +46,14 @@ def workloads(seed: int = 0):
         return rng.integers(3, 512, int(n)).astype(np.int64)
 
     rlhf = [ids(n) for n in rng.integers(50, 601, 48)]
-    grpo = []
+    grpo, short = [], []
     for _ in range(6):
         prompt = ids(300)
         grpo += [np.concatenate([prompt, ids(n)]) for n in rng.integers(50, 401, 8)]
-    return {"rlhf": rlhf, "grpo": grpo, "tree": tree(48, 512, seed, beams=4, depth=3, trees=4)}
+    for _ in range(6):
+        prompt = ids(300)
+        short += [np.concatenate([prompt, ids(n)]) for n in rng.integers(10, 61, 8)]
+    return {"rlhf": rlhf, "grpo": grpo, "grpo_short": short, "tree": tree(48, 512, seed, beams=4, depth=3, trees=4)}
 
 
 def main():
@@ -57,8 +61,10 @@ def main():
     p.add_argument("--passes", type=int, default=5, help="timed passes per mode and workload (best one reported)")
     p.add_argument("--chunk", type=int, default=16, help="sequences per scorer call")
     p.add_argument("--budget", type=int, default=16384, help="batching.max_tokens_per_forward")
-    p.add_argument("--workload", nargs="+", default=["rlhf", "grpo", "tree"])
+    p.add_argument("--workload", nargs="+", default=["rlhf", "grpo", "grpo_short", "tree"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--repeat", type=int, default=1, help="each pass scores the workload this many times (a fresh "
+                   "scorer each time): longer passes, less noise")
     p.add_argument("--json", default="")
     a = p.parse_args()
     if a.threads:
@@ -80,15 +86,17 @@ def main():
         best, cpu, outs, computed = {True: np.inf, False: np.inf}, {True: np.inf, False: np.inf}, {}, {}
         for k in range(a.passes + 1):  # pass 0: warm-up
             for on in (False, True):
-                s = scorer(on)
                 start, start_cpu = time.perf_counter(), time.process_time()
-                outs[on] = torch.cat([s(c) for c in chunks]).numpy()
+                for _ in range(a.repeat):
+                    s = scorer(on)
+                    outs[on] = torch.cat([s(c) for c in chunks]).numpy()
                 if k:
                     best[on] = min(best[on], time.perf_counter() - start)
                     cpu[on] = min(cpu[on], time.process_time() - start_cpu)
                 computed[on] = s.computed_tokens
         alone = scorer(True)
         same = all(np.array_equal(alone([t]).numpy()[0], outs[True][i]) for i, t in enumerate(tensors))
+        tokens *= a.repeat
         row = {"workload": name, "sequences": len(seqs), "tokens": tokens,
                "off_tokens_per_s": round(tokens / best[False]), "on_tokens_per_s": round(tokens / best[True]),
                "on_vs_off": round(best[False] / best[True], 3), "on_vs_off_cpu_time": round(cpu[False] / cpu[True], 3),

@@ -1,16 +1,16 @@
 """Batch-invariant scoring with prefix sharing and a prefix cache (`batching.batch_invariant`; scoring/invariant.py
 says what varies without it and why).
 
-Every sequence sees its keys on a fixed grid of GRID-token blocks counted from its own position 0, whatever it is
-computed with: the mode's attention (`invariant.blocked_attention`) takes each item's keys and values by position
-from a store, in fixed GRID x GRID tiles. A prefix that sequences share is shared up to its last full block: an
-*item* is a run of tokens [start, end) of a sequence, computed with the keys of [0, start) as its context, where
-start is 0 or a multiple of GRID that an earlier item (a shared block-aligned prefix, or a sequence stored by an
-earlier call: the cache) holds. Items whose context is ready run together (a *level*), packed padding-free into
-rows (the backbone's other layers act on each token alone, so rows only need a multiple of GRID tokens in all);
-their keys, values and final hidden states go into the store, a ring of slots like scoring/prefix_cache.py's. A
-token's keys and values depend only on the tokens up to it, and reach its consumers by slot: the same bits
-whether computed alone, in a shared prefix, or read from the cache.
+Every sequence sees its keys in fixed tiles counted from its own position 0, whatever it is computed with: the
+mode's attention (`invariant.blocked_attention`) takes each item's keys and values by position from a store. An
+*item* is a run of tokens [start, end) of a sequence, computed with the keys of [0, start) as its context: start is
+0, or the length of a prefix that an item of the same call holds (a prefix several sequences share, computed once:
+the trie's sharing, at any split point) or that the store holds from an earlier call (the cache). Items are packed
+padding-free into rows (the backbone's other layers act on each token alone; the rows hold a multiple of GRID
+tokens in all), a shared prefix before the items that extend it; every layer's attention first writes the call's
+new keys and values into the store, then reads each item's by slot, so an item may share its context's call. Keys,
+values and final hidden states stay in the store, a ring of slots like scoring/prefix_cache.py's. A token's keys and
+values depend only on the tokens up to it: the same bits whether computed alone, in a shared prefix, or read back.
 """
 
 from typing import Dict, List, Optional, Sequence
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import distributed as d
-from .invariant import GRID, attend_tiles, blocked
+from .invariant import GRID, QUERY_TILE as QT, attend_tiles, blocked
 from .trie import HeldPrefixes, first_fit_decreasing, trie_order
 
 
@@ -79,22 +79,26 @@ class BlockStore:
             self.clear()
 
     def slots(self, virtual: np.ndarray) -> torch.Tensor:
-        return d.to_device(torch.from_numpy(virtual % self.capacity), self.device)
+        """Physical slots of virtual ones; -1 (padding) -> the extra slot of zeros."""
+        return d.to_device(torch.from_numpy(np.where(virtual < 0, self.capacity, virtual % self.capacity)),
+                           self.device)
 
     def write(self, pools: Dict[int, torch.Tensor], layer: int, slots: torch.Tensor, states: torch.Tensor) -> None:
-        if layer not in pools:  # zeros: a slot read as padding must hold finite values (0 x value adds nothing)
-            pools[layer] = torch.zeros((self.capacity, *states.shape[1:]), dtype=states.dtype, device=states.device)
+        if layer not in pools:  # one more slot, of zeros: padding reads finite values (0 x value adds nothing)
+            pools[layer] = torch.empty((self.capacity + 1, *states.shape[1:]), dtype=states.dtype,
+                                       device=states.device)
+            pools[layer][self.capacity].zero_()
         pools[layer].index_copy_(0, slots, states)
 
     def write_hidden(self, slots: torch.Tensor, states: torch.Tensor) -> None:
         if self.hidden is None:
-            self.hidden = torch.zeros((self.capacity, states.shape[-1]), dtype=states.dtype, device=states.device)
+            self.hidden = torch.empty((self.capacity, states.shape[-1]), dtype=states.dtype, device=states.device)
         self.hidden.index_copy_(0, slots, states)
 
 
 class CallPlan:
-    """One backbone call of a level: rows of items' new tokens, and what the attention needs to see each item's
-    keys by position."""
+    """One backbone call: rows of items' new tokens, and what the attention needs to see each item's keys by
+    position."""
 
     def __init__(self, store: BlockStore, rows: List[List[Item]], pad_token_id: int):
         width = _up(max(sum(len(x.ids) - x.start for x in row) for row in rows))
@@ -115,11 +119,11 @@ class CallPlan:
         self.computed = sum(len(f) for f in flat)
         self.flat = d.to_device(torch.from_numpy(np.concatenate(flat)), store.device)
         self.new_slots = store.slots(np.concatenate(new))
-        queries = max(_up(len(x.ids) - x.start) for x in items)
+        queries = max(-(-(len(x.ids) - x.start) // QT) * QT for x in items)
         keys = max(_up(len(x.ids)) for x in items)
         q_index = np.zeros((len(items), queries), dtype=np.int64)  # flat index of each item's new tokens
         q_pos = np.full((len(items), queries), -1, dtype=np.int64)  # their positions (-1: padding, sees nothing)
-        kv = np.zeros((len(items), keys), dtype=np.int64)  # virtual slot of each position (padding: 0, not seen)
+        kv = np.full((len(items), keys), -1, dtype=np.int64)  # virtual slot of each position (-1: padding)
         for i, (x, f) in enumerate(zip(items, flat)):
             q_index[i, :len(f)] = f
             q_pos[i, :len(f)] = np.arange(x.start, len(x.ids))
@@ -127,15 +131,15 @@ class CallPlan:
         # per query block, its items grouped by the key blocks they see: (block, items, key blocks, leading key
         # blocks every real query sees whole, where the real queries' outputs go, which rows they are)
         self.groups = []
-        for b in range(queries // GRID):
-            block = q_pos[:, b * GRID:(b + 1) * GRID]
+        for b in range(queries // QT):
+            block = q_pos[:, b * QT:(b + 1) * QT]
             live = np.flatnonzero(block[:, 0] >= 0)
             top = block[live].max(1) // GRID + 1
             for seen in np.unique(top).tolist():
                 sub = live[top == seen]
                 real = (block[sub] >= 0).reshape(-1)
                 src = np.flatnonzero(real)
-                dest = q_index[sub, b * GRID:(b + 1) * GRID].reshape(-1)[src]
+                dest = q_index[sub, b * QT:(b + 1) * QT].reshape(-1)[src]
                 full = int(((block[sub].reshape(-1)[src] + 1) // GRID).min())
                 self.groups.append((b, self._dev(sub), seen, full, self._dev(dest), self._dev(src)))
         self.q_index = d.to_device(torch.from_numpy(q_index), store.device)
@@ -159,17 +163,17 @@ class CallPlan:
         out = torch.zeros(rows * width, heads, dim, dtype=torch.float32, device=query.device)
         g = heads // kv_heads
         for b, items, seen, full, dest, src in self.groups:
-            index = self.q_index[items, b * GRID:(b + 1) * GRID]  # [n, GRID]
+            index = self.q_index[items, b * QT:(b + 1) * QT]  # [n, QT]
             n = len(items)
-            q = flat_q[index.reshape(-1)].view(n, GRID, kv_heads, g, dim).permute(0, 2, 3, 1, 4)
+            q = flat_q[index.reshape(-1)].view(n, QT, kv_heads, g, dim).permute(0, 2, 3, 1, 4)
             slots = self.kv[items, :seen * GRID].reshape(-1)
 
             def take(pool):
                 return pool[layer].index_select(0, slots).view(n, seen * GRID, kv_heads, -1).transpose(1, 2)
 
-            o = attend_tiles(q.reshape(n, kv_heads, g * GRID, dim), take(store.keys), take(store.values),
-                             self.q_pos[items, b * GRID:(b + 1) * GRID], softcap, window, full)
-            o = o.view(n, kv_heads, g, GRID, dim).permute(0, 3, 1, 2, 4).reshape(n * GRID, heads, dim)
+            o = attend_tiles(q.reshape(n, kv_heads, g * QT, dim), take(store.keys), take(store.values),
+                             self.q_pos[items, b * QT:(b + 1) * QT], softcap, window, full)
+            o = o.view(n, kv_heads, g, QT, dim).permute(0, 3, 1, 2, 4).reshape(n * QT, heads, dim)
             out.index_copy_(0, dest, o.index_select(0, src))
         return out.to(query.dtype).view(rows, width, heads, dim), None
 
@@ -182,7 +186,8 @@ class SharedBlocks:
         self.budget, self.row_tokens, self.pad_token_id = budget, max(GRID, row_tokens), pad_token_id
 
     def plan(self, seqs: Sequence[np.ndarray]):
-        """The items to compute, level by level, and each sequence's item (whose slots are its tokens')."""
+        """The items to compute (a shared prefix before the items that extend it), and each sequence's item (whose
+        slots are its tokens')."""
         store = self.store
         nodes: Dict[bytes, Item] = {}  # the distinct sequences and shared block-aligned prefixes
         for s in seqs:

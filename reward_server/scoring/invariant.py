@@ -14,13 +14,13 @@ vs 896 for a 4 x 256 Llama, torch 2.13), the kernel's last key block taking anot
 
 So in this mode the attention is our own (`blocked_attention`, registered with transformers and named in the
 model's config only during the mode's calls): each item's keys are read by position from a store into fixed
-GRID x GRID tiles (positions 0..GRID-1 the first tile, ...), every tile is one GEMM shape, the softmax takes one
-exact max and the tiles' sums are added in tile order; a tile a query does not see adds exact zeros. A query's bits
-then depend only on its own sequence's keys, not on where they were computed: prefix sharing and the prefix cache
-stay on (scoring/blocks.py plans the items and holds the store), at any split point, since the tiles are counted
-from the sequence's own position 0 and not from where a shared prefix ends. The other layers act on one token at a
-time; the packed rows hold a multiple of GRID tokens, within the range measured. The head is applied to one pooled
-token at a time (`RowByRow`). `self_test` checks it on this machine's kernels before serving.
+QUERY_TILE x GRID tiles (keys at positions 0..GRID-1 the first tile, ...), every tile is one GEMM shape, the softmax
+takes one exact max and the tiles' sums are added in tile order; a tile a query does not see adds exact zeros. A
+query's bits then depend only on its own sequence's keys, not on where they were computed: prefix sharing and the
+prefix cache stay on (scoring/blocks.py plans the items and holds the store), at any split point, since the tiles
+are counted from the sequence's own position 0 and not from where a shared prefix ends. The other layers act on one
+token at a time; the packed rows hold a multiple of GRID tokens, within the range measured. The head is applied to
+one pooled token at a time (`RowByRow`). `self_test` checks it on this machine's kernels before serving.
 """
 
 import contextlib
@@ -31,7 +31,8 @@ import torch
 
 from ..loading.checkpoint import StartupError
 
-GRID = 128  # the attention block (flex_attention's default): rows are padded to a multiple of it
+GRID = 128  # the attention's key tile (flex_attention's default block): packed rows hold a multiple of it
+QUERY_TILE = 32  # the attention's query tile: a short item (a search step, a GRPO answer) pads to 32 queries
 ATTENTION = "reward_server_blocked"  # the mode's attention function, registered with transformers (below)
 
 
@@ -49,28 +50,28 @@ def blocked_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def attend_tiles(q, k, v, qpos, softcap, window, full):
-    """q [n, Hkv, g * GRID, D] (one query block of n items, scaled, a kv head's g query heads stacked), k
+    """q [n, Hkv, g * QUERY_TILE, D] (one query tile of n items, scaled, a kv head's g query heads stacked), k
     [n, Hkv, nk * GRID, D] and v [..., D + 1] (values and a column of ones), each item's keys from its position 0;
-    qpos [n, GRID] (-1: padding, sees nothing); full: leading key blocks that every real query sees whole (no mask
-    there). Returns [n, Hkv, g * GRID, D] in fp32."""
+    qpos [n, QUERY_TILE] (-1: padding, sees nothing); full: leading key tiles that every real query sees whole (no
+    mask there). Returns [n, Hkv, g * QUERY_TILE, D] in fp32."""
     n, hkv, gm, d = q.shape
-    nk = k.shape[2] // GRID
+    nk, qt = k.shape[2] // GRID, qpos.shape[1]
     kb = k.float().view(n, hkv, nk, GRID, d).transpose(-1, -2)
     vb = v.float().view(n, hkv, nk, GRID, d + 1)
-    s = torch.matmul(q[:, :, None], kb)  # [n, Hkv, nk, g * GRID, GRID]: one GEMM shape per tile
+    s = torch.matmul(q[:, :, None], kb)  # [n, Hkv, nk, g * QUERY_TILE, GRID]: one GEMM shape per tile
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     full = 0 if window is not None else min(full, nk)
     if full < nk:
         kpos = torch.arange(full * GRID, nk * GRID, device=q.device).view(nk - full, 1, GRID)
-        seen = kpos[None] <= qpos[:, None, :, None]  # [n, blocks, GRID q, GRID k]
+        seen = kpos[None] <= qpos[:, None, :, None]  # [n, key tiles, QUERY_TILE, GRID]
         if window is not None:
             seen &= qpos[:, None, :, None] - kpos[None] < window
-        s[:, :, full:].view(n, hkv, nk - full, gm // GRID, GRID, GRID).masked_fill_(~seen[:, None, :, None],
+        s[:, :, full:].view(n, hkv, nk - full, gm // qt, qt, GRID).masked_fill_(~seen[:, None, :, None],
                                                                                     float("-inf"))
     m = s.amax(dim=(2, 4), keepdim=True)  # exact, in any order
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    pv = torch.matmul(s.sub_(m).exp_(), vb)  # [n, Hkv, nk, g * GRID, D + 1]; the last column sums the weights
+    pv = torch.matmul(s.sub_(m).exp_(), vb)  # [n, Hkv, nk, g * QUERY_TILE, D + 1]; the last column sums weights
     acc = pv[:, :, 0]
     for j in range(1, nk):  # in block order, one add at a time
         acc = acc + pv[:, :, j]
