@@ -150,10 +150,11 @@ class BatchingConfig:
         "square of the row length.")
     batch_invariant: bool = setting(
         False, "packed layout: every sequence's rewards and step rewards are the same bits whether it is scored alone, "
-        "beside others, in a shared-prefix group, again, or on any data-parallel replica: one sequence per row at "
-        "offset 0, rows padded to a multiple of 128 tokens, no prefix sharing and no prefix cache; a self-test at "
-        "start-up refuses to start if this machine's kernels still differ. Measured on the CPU only; costs the "
-        "prefix sharing and padding (docs/invariance.md).")
+        "beside others, in a shared-prefix group, again, or on any data-parallel replica: the attention is our own, "
+        "reading each sequence's keys by position in fixed 128-token tiles, so prefix_sharing and the prefix cache "
+        "(prefix_cache_tokens, its own store: scoring/blocks.py) stay on; the head runs one row at a time. A "
+        "self-test at start-up refuses to start if this machine's kernels still differ. Measured on the CPU only "
+        "(docs/invariance.md).")
     warmup: Optional[bool] = setting(
         None, "Run the forward on synthetic batches of a few shapes at start-up, so that kernel selection and "
         "flex_attention's / torch.compile's compilation happen before the first request. null = auto: on with CUDA, "
