@@ -31,9 +31,9 @@ def start(checkout: Path, log: Path, cache: str):
     http_port = free_port()
     overrides = [f"server.http_port={http_port}", f"server.grpc_port={free_port()}",
                  f"server.metrics_port={free_port()}", f"model.cache_dir={cache}"]
-    if "api_port" in (checkout / "reward_server" / "config" / "schema.py").read_text(errors="replace") \
-            if (checkout / "reward_server" / "config" / "schema.py").exists() else False:
-        overrides.append("server.api_port=0")
+    config = [checkout / "reward_server" / "config" / name for name in ("schema.py", "server.py")]
+    if any(f.exists() and "api_port" in f.read_text(errors="replace") for f in config):
+        overrides.append("server.api_port=0")  # a free one: the default 30000 may be taken on a shared machine
     env = {**os.environ, "PYTHONPATH": str(checkout), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              f"--master_port={free_port()}", str(checkout / "serve_reward_model.py"), *overrides],
