@@ -6,8 +6,10 @@ import dataclasses
 import http.client
 import json
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +19,20 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from reward_server.ports import free_port
-
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    while True:
+        port = random.randrange(20000, min(ephemeral, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
 
 
 class LiveServer:

@@ -9,6 +9,7 @@ serve_reward_model.py, reward_server.launcher, reward_server.check or a script o
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -22,8 +23,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-
-from reward_server.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("reward", "reward_model")
@@ -75,6 +74,21 @@ def guard_subprocesses() -> None:
 
 
 # ---------------------------------------------------------------- starting servers
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range: a port the kernel hands out for outgoing connections (gloo,
+    clients) may be taken again before the server binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_start = int(f.read().split()[0])
+    while True:
+        port = random.randrange(20000, min(ephemeral_start, 32768))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
 
 def torchrun(nproc: int, script, *args, launcher_args=()) -> List[str]:
     """The command line of `torchrun --nproc_per_node nproc [launcher_args] script args` on a free master port."""

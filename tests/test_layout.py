@@ -11,7 +11,7 @@ MAX_LINES = 300
 
 # The layers, top first: a module may import modules of its own layer or of layers below it, never above.
 LAYERS = ["launcher", "cli", "app", "check", "kinds", "serving", "engine", "faults", "scoring", "loading", "distributed",
-          "config", "protocol", "ports"]
+          "config", "protocol"]
 CLIENT = "client"  # the client stands apart: it may import protocol alone
 
 

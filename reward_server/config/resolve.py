@@ -1,11 +1,11 @@
 """resolve(): every "auto" / null default turned, in one place, into the value a rank uses; rank 0 logs them once."""
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Callable, FrozenSet
 
 
-from ..ports import free_port
 from .choices import Attention
 from .schema import ServeConfig
 from .validate import ConfigError, show
@@ -98,6 +98,12 @@ def device_type_of(backend: str) -> str:
     return "cuda" if backend == "nccl" else "cpu"
 
 
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
 def auto_dtype(dtype: str, device_type: str) -> str:
     """model.dtype; auto: bfloat16 on GPU, float32 on CPU."""
     return str(dtype) if dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
@@ -129,7 +135,7 @@ def auto_row_tokens(packed_row_tokens: int, max_tokens_per_forward: int, attn: s
 
 
 def resolve(cfg: ServeConfig, device_type: str, tp_size: int, dp_size: int, model: ModelInfo, *, rank: int = 0,
-            pick_port: Callable[[], int] = lambda: free_port(LOOPBACK)) -> Resolved:
+            pick_port: Callable[[], int] = free_loopback_port) -> Resolved:
     """Every "auto" rule in one place: the values a rank of `device_type` ("cuda" / "cpu") in a world of `tp_size`
     x `dp_size` ranks uses for `cfg` and a checkpoint described by `model`. Logs them on rank 0. A setting given
     explicitly is kept; an explicit attention implementation the model class lacks raises ConfigError."""

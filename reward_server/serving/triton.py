@@ -21,7 +21,6 @@ import numpy as np
 
 from ..config import ServeConfig
 from ..engine import ShuttingDown
-from ..ports import free_port
 from . import triton_patches
 from .inputs import MAX_REASON_CHARS
 from .service import RewardService
@@ -85,6 +84,12 @@ def resolve_inference_token(cfg: ServeConfig) -> Optional[str]:
 
 
 LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 PORTS = ("http_port", "grpc_port", "metrics_port", "openrlhf_port")  # ours that 0 sets to a free port
