@@ -1,7 +1,9 @@
 """Overload, metrics and the start-up log, on one server (torchrun 2 data-parallel ranks, gloo): every forward
 sleeps 2 s and rank 0 holds at most 40 queued tokens, so a burst is partly refused with 503 at once, a
-RemoteGPTRMClient rides it out by backing off, and the metrics port shows our counters beside Triton's. Six
-Triton instances, so that a refused request finds one free (an instance waits for its batch's rewards)."""
+RemoteGPTRMClient rides it out by backing off, and the metrics port shows our counters beside Triton's. One
+request per Triton batch and an instance for each of the burst's 12 requests (the NeMo model off): an instance waits
+for its batch's rewards, so a refused request that shared a batch with an admitted one, or waited for a free
+instance, was answered only after a forward (4.0 s for 2 s forwards, seen on CI)."""
 
 import json
 import re
@@ -26,9 +28,9 @@ FORWARD_S = 2.0  # a refusal must come well before one forward could end, even o
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, llama_ckpt):
     overrides = [f"model.path={llama_ckpt}", "parallel.tensor_parallel_size=1", f"fault_injection.forward_delay_s={FORWARD_S}",
-                 f"batching.max_queued_tokens={QUEUED_TOKENS}", "batching.max_batch_size=4",
-                 "batching.max_queue_delay_us=0", "batching.instances=6"]
-    with running_server(tmp_path_factory.mktemp("overload"), overrides) as srv:
+                 f"batching.max_queued_tokens={QUEUED_TOKENS}", "batching.max_batch_size=1",
+                 "batching.max_queue_delay_us=0", "batching.instances=12", "server.nemo_model_name="]
+    with running_server(tmp_path_factory.mktemp("overload"), overrides, models=("reward",)) as srv:
         yield srv
 
 
