@@ -73,6 +73,14 @@ class LiveServer:
         return {m.group(1): float(m.group(2))
                 for m in re.finditer(r"^(reward_server_[a-z_]+?)(?:_total)? ([0-9.e+-]+)$", text, re.M)}
 
+    def triton_queued(self, model: str = "reward") -> float:
+        """Requests waiting in Triton's queue for `model` (its nv_inference_pending_request_count, which our metrics
+        page carries): ones no model instance was free to take."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return sum(float(m.group(1)) for m in re.finditer(
+            rf'^nv_inference_pending_request_count{{model="{model}"[^}}]*}} ([0-9.e+-]+)$', text, re.M))
+
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)

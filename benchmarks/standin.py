@@ -5,7 +5,7 @@ prefix cache, so what the live path loses when forwards are fast shows on a CPU:
 tokens of what was sent, and how full the forwards were.
 
 Each (workload, sharing) runs on a fresh server (the tiny default model, never run) with the GPU's defaults where
-the CPU's differ (8 Triton instances, packed rows of the whole budget, overlapped forwards); `--clients` threads
+the CPU's differ (16 Triton instances, packed rows of the whole budget, overlapped forwards); `--clients` threads
 each send one sequence per request and the next when it is answered, `--n` requests in all; every reward is checked
 against the stand-in's. Which sequence a client sends next (`--order`): perf_analyzer (default; what its synchronous
 concurrency mode does, and so what the GPU runs measured: client k sends the sequences k, k + clients, k + 2 x
@@ -18,7 +18,9 @@ its next group once the whole group is answered, as a trainer that needs a group
 
 Columns: tokens/s received over first send to last answer; computed / unique (the workload's trie, each shared
 prefix once: 1.00x is every saving taken); tokens computed per forward and its share of the budget over the
-steady part of the run (from the 20 % to the 90 % answered); received / computed (the saving taken).
+steady part of the run (from the 20 % to the 90 % answered); received / computed (the saving taken); in Triton's
+queue: the mean of Triton's pending requests for the model over the steady part (sampled every 0.1 s), requests no
+model instance was free to hand to rank 0 (each instance holds its batch until all of it is scored).
 """
 
 import argparse
@@ -33,7 +35,7 @@ import workload
 from live import Client, LiveServer
 from reward_server.faults import standin_reward
 
-GPU_LIKE = ["batching.instances=8"]  # and packed rows of the whole budget (flex_attention's auto; the model never runs)
+GPU_LIKE = ["batching.instances=16"]  # and packed rows of the whole budget (flex_attention's auto; the model never runs)
 
 
 def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", group: int = 8) -> dict:
@@ -45,7 +47,7 @@ def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", 
     group's rewards together)."""
     lock, state = threading.Lock(), {"next": 0, "done": 0}
     sent, answered = np.zeros(len(seqs)), np.zeros(len(seqs))
-    wrong, errors, snaps = [], [], {}
+    wrong, errors, snaps, queued = [], [], {}, []
 
     lanes = {lane: threading.Barrier(group) for lane in range(max(1, clients // group))}
 
@@ -95,19 +97,27 @@ def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", 
                     del marks[name]
             time.sleep(0.02)
 
+    def sample_triton_queue():  # requests Triton holds because every model instance is busy, over the steady part
+        while state["done"] < int(0.9 * len(seqs)) and not errors:
+            if state["done"] >= int(0.2 * len(seqs)):
+                queued.append(server.triton_queued())
+            time.sleep(0.1)
+
     before = server.metrics()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    threads.append(threading.Thread(target=watch, daemon=True))
-    for t in threads:
+    helpers = [threading.Thread(target=watch, daemon=True), threading.Thread(target=sample_triton_queue, daemon=True)]
+    for t in threads + helpers:
         t.start()
-    for t in threads[:-1]:
+    for t in threads:
         t.join()
-    threads[-1].join(timeout=5)
+    for t in helpers:
+        t.join(timeout=5)
     after = server.metrics()
     ok = answered > 0
     return dict(before=before, after=after, snaps=snaps, wall=float(answered[ok].max() - sent.min()), sent=sent,
                 answered=answered,
-                latency=np.sort(answered[ok] - sent[ok]), wrong=len(wrong), errors=errors)
+                latency=np.sort(answered[ok] - sent[ok]), wrong=len(wrong), errors=errors,
+                triton_queued=float(np.mean(queued)) if queued else None)
 
 
 def delta(a: dict, b: dict, name: str) -> float:
@@ -130,7 +140,8 @@ def summary(kind: str, sharing: str, seqs, run: dict, budget: int) -> dict:
                 saving=round(received / max(1, computed), 3), ideal=round(received / max(1, unique), 3),
                 per_forward=round(per_forward), fill=round(per_forward / budget, 3),
                 reused=int(delta(b, a, "tokens_reused")),
-                p50_ms=round(1e3 * float(lat[len(lat) // 2]), 1) if len(lat) else None)
+                p50_ms=round(1e3 * float(lat[len(lat) // 2]), 1) if len(lat) else None,
+                triton_queued=None if run["triton_queued"] is None else round(run["triton_queued"], 1))
 
 
 def main():
@@ -154,8 +165,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     results = []
     print("| workload | sharing | tokens/s | computed / unique | received / computed (ideal) | computed per forward "
-          "| fill | forwards | p50 ms | wrong rewards |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fill | forwards | p50 ms | in Triton's queue | wrong rewards |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in a.workloads:
         seqs = workload.make(kind, a.n, a.vocab)
         for sharing in a.sharing:
@@ -171,7 +182,7 @@ def main():
             np.savez(out / f"times_{kind}_{sharing}.npz", sent=run["sent"], answered=run["answered"])
             print(f"| {kind} | {sharing} | {r['tokens_per_s']:,} | {r['computed_over_unique']:.3f}x | "
                   f"{r['saving']:.2f}x ({r['ideal']:.2f}x) | {r['per_forward']:,} | {100 * r['fill']:.1f} % | "
-                  f"{r['forwards']} | {r['p50_ms']} | {r['wrong']} (errors {r['errors']}) |", flush=True)
+                  f"{r['forwards']} | {r['p50_ms']} | {r['triton_queued']} | {r['wrong']} (errors {r['errors']}) |", flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
 

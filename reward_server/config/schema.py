@@ -114,7 +114,7 @@ class BatchingConfig:
         "(empty: Triton's default, which is the max batch size). A batch is answered only when all its requests are "
         "scored, so small batches get clients their rewards sooner and keep more requests queued for rank 0 to fill "
         "the next forward with: 16 (with 8 instances) gave 9 % more tokens/s at 64 clients than 64 "
-        "(docs/results/tuning/).", factory=lambda: [16])
+        "(docs/results/2026-11-26-tuning-h100/).", factory=lambda: [16])
     max_tokens_per_forward: int = setting(
         16384, "Token budget of one forward (rows x padded length, or one packed row) on each data-parallel "
         "replica. Rank 0 fills each forward up to it from every queued request, across Triton's batches; the budget "
@@ -171,7 +171,7 @@ class BatchingConfig:
         "size.")
     instances: int = setting(
         0, "Triton model instances per model: the batches that can be handed to rank 0 at once; with small batches "
-        "(preferred_batch_sizes) enough of them for the requests of several forwards. 0 = auto: 8 with CUDA, 2 on "
+        "(preferred_batch_sizes) enough of them for the requests of several forwards. 0 = auto: 16 with CUDA, 2 on "
         "the CPU.")
 
 

@@ -129,11 +129,6 @@ def restrictions(access_token: str, inference_token: Optional[str]) -> List[str]
     return groups
 
 
-# batching.instances=0: Triton model instances by the device rank 0 computes on. On GPU, 8 (with batches of 16)
-# keep enough requests at rank 0 to fill the next forward (docs/results/tuning/); on the CPU, where forwards are slow
-# and small, 2 are enough and each instance less is one Python stub process less to start.
-AUTO_INSTANCES = {"cuda": 8, "cpu": 2}
-
 
 def start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,
                  inference_token: Optional[str] = None):
