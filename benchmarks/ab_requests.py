@@ -1,6 +1,8 @@
 """A/B of the per-request path: 1-row requests from several client threads against the default server of two
-checkouts, interleaved (A, B, A, B, ...) so that load on the machine hits both alike; requests/s per run, then the
-median and the spread of each side and of the pairwise ratio.
+checkouts, interleaved (A, B, A, B, ...) so that load on the machine hits both alike; requests/s per run and the
+server's CPU milliseconds per request (its processes' user + system time over the measured window: on a shared
+2-core machine requests/s swings by 2x from second to second, CPU per request much less), then the median and the
+spread of each side and of the pairwise ratios.
 
     git worktree add /tmp/ab_old 0835d90
     python benchmarks/ab_requests.py --a /tmp/ab_old --b . --pairs 5 --clients 8 --seconds 20
@@ -61,11 +63,40 @@ def stop(proc) -> None:
     time.sleep(2)  # the reaper frees the ports
 
 
-def load(port: int, clients: int, warmup: float, seconds: float) -> float:
-    """Requests/s of `clients` threads sending 1-row requests back to back on keep-alive connections."""
+def server_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes under `root` (torchrun): the ranks (each in a
+    session of its own), Triton and its Python stubs (children of rank 0)."""
+    stats = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(pid)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # after the name: state, ppid, ... utime, stime
+    children = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        ticks += stats.get(pid, (0, 0))[1]
+        todo.extend(children.get(pid, []))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def load(port: int, clients: int, warmup: float, seconds: float, root: int = 0) -> tuple:
+    """Requests/s of `clients` threads sending 1-row requests back to back on keep-alive connections, and the
+    server's CPU milliseconds per request over the same window (with `root`, torchrun's pid)."""
     counts = [0] * clients
     begin = time.monotonic() + warmup
     end = begin + seconds
+    cpu = {}
+
+    def meter() -> None:
+        time.sleep(max(0.0, begin - time.monotonic()))
+        cpu["begin"] = server_cpu_s(root)
+        time.sleep(max(0.0, end - time.monotonic()))
+        cpu["end"] = server_cpu_s(root)
 
     def client(i: int) -> None:
         rng = random.Random(i)
@@ -82,11 +113,14 @@ def load(port: int, clients: int, warmup: float, seconds: float) -> float:
                 counts[i] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    if root:
+        threads.append(threading.Thread(target=meter))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) / seconds
+    served = sum(counts)
+    return served / seconds, (1e3 * (cpu["end"] - cpu["begin"]) / max(1, served) if root else float("nan"))
 
 
 def main() -> None:
@@ -99,22 +133,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ab-"))
-    rates = {"A": [], "B": []}
+    rates, cpus = {"A": [], "B": []}, {"A": [], "B": []}
     for pair in range(args.pairs):
         for side, checkout in (("A", args.a), ("B", args.b)) if pair % 2 == 0 else (("B", args.b), ("A", args.a)):
             proc, port = start(Path(checkout).resolve(), work / f"{side}{pair}.log", str(work / "cache"))
             try:
-                rate = load(port, args.clients, args.warmup, args.seconds)
+                rate, cpu_ms = load(port, args.clients, args.warmup, args.seconds, root=proc.pid)
             finally:
                 stop(proc)
             rates[side].append(rate)
-            print(f"pair {pair} {side}: {rate:.1f} requests/s", flush=True)
-    ratios = [b / a for a, b in zip(rates["A"], rates["B"])]
-    print("\n| side | runs (requests/s) | median | min-max |\n|---|---|---|---|")
+            cpus[side].append(cpu_ms)
+            print(f"pair {pair} {side}: {rate:.1f} requests/s, server CPU {cpu_ms:.2f} ms per request", flush=True)
+    print("\n| side | runs (requests/s) | median | min-max | server CPU ms per request (runs) | median |")
+    print("|---|---|---|---|---|---|")
     for side in "AB":
-        r = rates[side]
-        print(f"| {side} | {', '.join(f'{x:.0f}' for x in r)} | {statistics.median(r):.1f} | {min(r):.0f}-{max(r):.0f} |")
-    print(f"\nB/A per pair: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}")
+        r, c = rates[side], cpus[side]
+        print(f"| {side} | {', '.join(f'{x:.0f}' for x in r)} | {statistics.median(r):.1f} | {min(r):.0f}-{max(r):.0f} | "
+              f"{', '.join(f'{x:.2f}' for x in c)} | {statistics.median(c):.2f} |")
+    for name, per in (("requests/s", rates), ("server CPU per request", cpus)):
+        ratios = [b / a for a, b in zip(per["A"], per["B"])]
+        print(f"\n{name}, B/A per pair: {', '.join(f'{x:.3f}' for x in ratios)}; median {statistics.median(ratios):.3f}, "
+              f"min-max {min(ratios):.3f}-{max(ratios):.3f}")
 
 
 if __name__ == "__main__":
