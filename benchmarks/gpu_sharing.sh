@@ -10,15 +10,16 @@
 #   OUT=/tmp/sharing bash benchmarks/gpu_sharing.sh
 # Env: OUT (/tmp/sharing), MODEL (/tmp/rm8b) and PRM_MODEL (/tmp/prm8b), made by make_model.py when missing;
 # CONCURRENCY (64), REQUESTS (perf.py's --requests; 0: 8 x clients), N (1024 sequences per workload), READY_S (900),
-# STAGES (scalar_on scalar_off prm check soak; soak: benchmarks/soak.py against the 8B model in bf16, SOAK_REQUESTS
-# requests, 5000, each reward by the bf16 rule per reward), SERVER_ARGS (overrides for every server).
+# STAGES (scalar_on scalar_off scalar_i8 prm check soak; scalar_i8: sharing on with 8 Triton instances, the default
+# before adf5162, for GRPO and the tree; soak: benchmarks/soak.py against the 8B model in bf16, SOAK_REQUESTS
+# requests, 20000 (issue #31: >= 20 k of the 8B model), each reward by the bf16 rule per reward), SERVER_ARGS (overrides for every server).
 set -uo pipefail
 OUT=${OUT:-/tmp/sharing}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/benchmarks:${PYTHONPATH:-}
 export REWARD_SERVER_ACCESS_TOKEN=${REWARD_SERVER_ACCESS_TOKEN:-bench-token}
 MODEL=${MODEL:-/tmp/rm8b}; PRM_MODEL=${PRM_MODEL:-/tmp/prm8b}
 CONCURRENCY=${CONCURRENCY:-64}; N=${N:-1024}; STEP_TAG=12902
-STAGES=${STAGES:-scalar_on scalar_off prm check soak}
+STAGES=${STAGES:-scalar_on scalar_off scalar_i8 prm check soak}
 PRM_ARGS="reward=math_shepherd reward.step_tag_source=ids reward.step_tag_ids=[$STEP_TAG] reward.candidate_token_ids=[648,387] reward.max_steps=128"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 git rev-parse --short HEAD | tee "$OUT/commit.txt"
@@ -65,6 +66,7 @@ for stage in $STAGES; do
   case $stage in
   scalar_on) run_server scalar_on grpo tree rlhf tree_tags -- model.path="$MODEL" ;;
   scalar_off) run_server scalar_off grpo tree rlhf -- model.path="$MODEL" batching.prefix_sharing=false ;;
+  scalar_i8) run_server scalar_i8 grpo tree -- model.path="$MODEL" batching.instances=8 ;;  # the default before adf5162
   prm) run_server prm_on tree_tags -- model.path="$PRM_MODEL" $PRM_ARGS ;;
   check)
     torchrun --nproc_per_node 1 serve_reward_model.py ${SERVER_ARGS:-} model.path="$MODEL" > "$OUT/server_check.log" 2>&1 &
@@ -76,7 +78,7 @@ for stage in $STAGES; do
     stop "$pid"; wait "$pid" 2>/dev/null
     ;;
   soak)
-    python3 benchmarks/soak.py --model "$MODEL" --nproc 1 --device cuda --requests "${SOAK_REQUESTS:-5000}" --clients 64 \
+    python3 benchmarks/soak.py --model "$MODEL" --nproc 1 --device cuda --requests "${SOAK_REQUESTS:-20000}" --clients 64 \
       --out "$OUT/soak" --json "$OUT/soak.json" ${SERVER_ARGS:-} > "$OUT/soak.log" 2>&1; echo "soak exit $?" | tee -a "$OUT/soak.log"
     ;;
   esac
@@ -104,7 +106,8 @@ print("| workload | server | tokens/s (64 clients) | on / off | received / compu
 print("|---|---|---|---|---|---|")
 for w, label, base in [("grpo", "scalar_on", "scalar_off"), ("grpo", "scalar_off", None), ("tree", "scalar_on", "scalar_off"),
                        ("tree", "scalar_off", None), ("rlhf", "scalar_on", "scalar_off"), ("rlhf", "scalar_off", None),
-                       ("tree_tags", "scalar_on", None), ("tree_tags", "prm_on", "scalar_on")]:
+                       ("tree_tags", "scalar_on", None), ("tree_tags", "prm_on", "scalar_on"),
+                       ("grpo", "scalar_i8", None), ("tree", "scalar_i8", None)]:
     t, d = perf(label, w), delta(label, w)
     if t is None:
         continue
@@ -114,6 +117,7 @@ for w, label, base in [("grpo", "scalar_on", "scalar_off"), ("grpo", "scalar_off
     per = f"{d['tokens_computed'] / max(1, d['forwards']):,.0f}" if d else "?"
     print(f"| {w} | {label} | {t:,.0f} | {ratio} | {saved} | {per} |")
 print()
-print("prm_on vs scalar_on on tree_tags is the PRM / scalar ratio (same tokens). GPU ms per forward and computed")
+print("prm_on vs scalar_on on tree_tags is the PRM / scalar ratio (same tokens); scalar_i8: 8 Triton instances (16 by")
+print("default since adf5162). GPU ms per forward and computed")
 print("tokens/s: engine_*.txt (the engine's lines every 10 s).")
 PY
