@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+import soak
 import workload
 from live import Client, LiveServer
 from reward_server.faults import standin_reward
@@ -38,7 +39,8 @@ from reward_server.faults import standin_reward
 GPU_LIKE = ["batching.instances=16"]  # and packed rows of the whole budget (flex_attention's auto; the model never runs)
 
 
-def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", group: int = 8) -> dict:
+def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", group: int = 8,
+          check: bool = True) -> dict:
     """Closed loop: each client sends its next sequence when its previous one is answered. `order`: perf_analyzer
     (its synchronous concurrency mode: client k sends sequences k, k + clients, k + 2 x clients, ..., so a group's
     requests come from `group` clients, each when its own previous request was answered) or next (every client
@@ -83,7 +85,7 @@ def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", 
                 errors.append(repr(exc)[:300])
                 continue
             answered[i] = time.monotonic()
-            if out["rewards"][0, 0] != np.float32(standin_reward(seqs[i], len(seqs[i]) - 1, 0)):
+            if check and out["rewards"][0, 0] != np.float32(standin_reward(seqs[i], len(seqs[i]) - 1, 0)):
                 wrong.append(i)
             with lock:
                 state["done"] += 1
@@ -116,7 +118,7 @@ def drive(server: LiveServer, seqs, clients: int, order: str = "perf_analyzer", 
     ok = answered > 0
     return dict(before=before, after=after, snaps=snaps, wall=float(answered[ok].max() - sent.min()), sent=sent,
                 answered=answered,
-                latency=np.sort(answered[ok] - sent[ok]), wrong=len(wrong), errors=errors,
+                latency=np.sort(answered[ok] - sent[ok]), wrong=len(wrong) if check else "not checked", errors=errors,
                 triton_queued=float(np.mean(queued)) if queued else None)
 
 
@@ -159,6 +161,13 @@ def main():
     p.add_argument("--nproc", type=int, default=1, help="ranks (data-parallel replicas)")
     p.add_argument("--out", default="/tmp/standin", help="server logs and results.json")
     p.add_argument("--vocab", type=int, default=512, help="the tiny default model's")
+    p.add_argument("--step-tag", type=int, default=None,
+                   help="end every step of the workloads with this token id (workload.py --step-tag), so that a scalar "
+                   "RM and --prm run the same tokens; --prm: soak.py's tag, 7")
+    p.add_argument("--prm", action="store_true",
+                   help="serve soak.py's tiny causal LM as a math-shepherd PRM (step tag 7, candidates 11 / 12) instead of "
+                   "the default scalar RM; its rewards are not checked here (soak.py checks a PRM's against plain "
+                   "transformers)")
     p.add_argument("overrides", nargs="*", help="more server overrides, e.g. batching.prefix_cache_tokens=65536")
     a = p.parse_args()
     out = Path(a.out)
@@ -167,16 +176,22 @@ def main():
     print("| workload | sharing | tokens/s | computed / unique | received / computed (ideal) | computed per forward "
           "| fill | forwards | p50 ms | in Triton's queue | wrong rewards |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    tag = a.step_tag if a.step_tag is not None else (soak.TAG if a.prm else None)
+    reward = []
+    if a.prm:
+        reward = [f"model.path={soak.tiny_checkpoint(out / 'prm', True)}", "reward=math_shepherd",
+                  "reward.step_tag_source=ids", f"reward.step_tag_ids=[{soak.TAG}]",
+                  f"reward.candidate_token_ids=[{soak.GOOD},{soak.BAD}]", "reward.max_steps=256"]
     for kind in a.workloads:
-        seqs = workload.make(kind, a.n, a.vocab)
+        seqs = workload.make(kind, a.n, a.vocab, tag=tag)
         for sharing in a.sharing:
             overrides = [*GPU_LIKE, f"fault_injection.standin.tokens_per_s={a.tokens_per_s}",
                          f"fault_injection.standin.shared_speed={a.shared_speed}",
                          f"batching.max_tokens_per_forward={a.budget}", f"batching.packed_row_tokens={a.budget}",
                          f"batching.prefix_sharing={sharing == 'on'}",
-                         "model.default.max_position_embeddings=8192", "server.stats_log_s=5", *a.overrides]
+                         "model.default.max_position_embeddings=8192", "server.stats_log_s=5", *reward, *a.overrides]
             with LiveServer(a.nproc, overrides, str(out / f"server_{kind}_{sharing}.log")).wait_ready() as server:
-                run = drive(server, seqs, a.clients, a.order, a.group)
+                run = drive(server, seqs, a.clients, a.order, a.group, check=not a.prm)
                 r = summary(kind, sharing, seqs, run, a.budget * a.nproc)
             results.append(r)
             np.savez(out / f"times_{kind}_{sharing}.npz", sent=run["sent"], answered=run["answered"])
