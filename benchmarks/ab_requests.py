@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from live import free_port  # benchmarks/live.py
 
@@ -84,9 +85,9 @@ def server_cpu_s(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def load(port: int, clients: int, warmup: float, seconds: float, root: int = 0) -> tuple:
-    """Requests/s of `clients` threads sending 1-row requests back to back on keep-alive connections, and the
-    server's CPU milliseconds per request over the same window (with `root`, torchrun's pid)."""
+def load(port: int, clients: int, warmup: float, seconds: float, roots: Sequence[int] = ()) -> tuple:
+    """Requests/s of `clients` threads sending 1-row requests back to back on keep-alive connections, and for each of
+    `roots` (e.g. torchrun's pid) the CPU milliseconds per request of its process tree over the same window."""
     counts = [0] * clients
     begin = time.monotonic() + warmup
     end = begin + seconds
@@ -94,9 +95,9 @@ def load(port: int, clients: int, warmup: float, seconds: float, root: int = 0) 
 
     def meter() -> None:
         time.sleep(max(0.0, begin - time.monotonic()))
-        cpu["begin"] = server_cpu_s(root)
+        cpu["begin"] = [server_cpu_s(r) for r in roots]
         time.sleep(max(0.0, end - time.monotonic()))
-        cpu["end"] = server_cpu_s(root)
+        cpu["end"] = [server_cpu_s(r) for r in roots]
 
     def client(i: int) -> None:
         rng = random.Random(i)
@@ -112,15 +113,13 @@ def load(port: int, clients: int, warmup: float, seconds: float, root: int = 0) 
             if now >= begin:
                 counts[i] += 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    if root:
-        threads.append(threading.Thread(target=meter))
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)] + [threading.Thread(target=meter)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     served = sum(counts)
-    return served / seconds, (1e3 * (cpu["end"] - cpu["begin"]) / max(1, served) if root else float("nan"))
+    return served / seconds, [1e3 * (b - a) / max(1, served) for a, b in zip(cpu["begin"], cpu["end"])]
 
 
 def main() -> None:
@@ -138,7 +137,7 @@ def main() -> None:
         for side, checkout in (("A", args.a), ("B", args.b)) if pair % 2 == 0 else (("B", args.b), ("A", args.a)):
             proc, port = start(Path(checkout).resolve(), work / f"{side}{pair}.log", str(work / "cache"))
             try:
-                rate, cpu_ms = load(port, args.clients, args.warmup, args.seconds, root=proc.pid)
+                rate, (cpu_ms,) = load(port, args.clients, args.warmup, args.seconds, roots=[proc.pid])
             finally:
                 stop(proc)
             rates[side].append(rate)

@@ -66,18 +66,19 @@ class LiveServer:
         self.stop()
         raise TimeoutError(f"the server was not ready after {timeout:.0f} s; see {self.log_path}")
 
+    def _metrics_page(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            return r.read().decode()
+
     def metrics(self) -> Dict[str, float]:
         """Our counters (reward_server_*), by name without the _total suffix."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
-            text = r.read().decode()
         return {m.group(1): float(m.group(2))
-                for m in re.finditer(r"^(reward_server_[a-z_]+?)(?:_total)? ([0-9.e+-]+)$", text, re.M)}
+                for m in re.finditer(r"^(reward_server_[a-z_]+?)(?:_total)? ([0-9.e+-]+)$", self._metrics_page(), re.M)}
 
     def triton_queued(self, model: str = "reward") -> float:
         """Requests waiting in Triton's queue for `model` (its nv_inference_pending_request_count, which our metrics
         page carries): ones no model instance was free to take."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
-            text = r.read().decode()
+        text = self._metrics_page()
         return sum(float(m.group(1)) for m in re.finditer(
             rf'^nv_inference_pending_request_count{{model="{model}"[^}}]*}} ([0-9.e+-]+)$', text, re.M))
 

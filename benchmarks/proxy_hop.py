@@ -18,11 +18,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from ab_requests import load, server_cpu_s, start, stop  # benchmarks/ab_requests.py
+from ab_requests import load, start, stop  # benchmarks/ab_requests.py
 from live import free_port  # benchmarks/live.py
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -55,14 +54,6 @@ def serve_proxy(listen: int, upstream: int) -> None:
     asyncio.run(main())
 
 
-def measure_window(pid: int, warmup: float, seconds: float, out: dict) -> None:
-    """CPU seconds of process `pid` (and its children) over the window `load` measures: after `warmup`, `seconds`."""
-    time.sleep(warmup)
-    before = server_cpu_s(pid)
-    time.sleep(seconds)
-    out["cpu_s"] = server_cpu_s(pid) - before
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=4)
@@ -84,14 +75,9 @@ def main() -> None:
     try:
         for r in range(a.rounds):
             for kind in ("direct", "proxied") if r % 2 == 0 else ("proxied", "direct"):
-                window = {}
-                meter = threading.Thread(target=measure_window, args=(proxy.pid, a.warmup, a.seconds, window))
-                meter.start()
-                rate, server_ms = load(port if kind == "direct" else proxy_port, a.clients, a.warmup, a.seconds,
-                                       root=server.pid)
-                meter.join()
-                proxy_ms = 1e3 * window["cpu_s"] / max(1.0, rate * a.seconds)
-                runs[kind].append((rate, server_ms, proxy_ms if kind == "proxied" else 0.0))
+                rate, (server_ms, proxy_ms) = load(port if kind == "direct" else proxy_port, a.clients, a.warmup,
+                                                   a.seconds, roots=[server.pid, proxy.pid])
+                runs[kind].append((rate, server_ms, proxy_ms))
                 print(f"round {r} {kind}: {rate:.1f} requests/s, server CPU {server_ms:.2f} ms per request, "
                       f"proxy CPU {runs[kind][-1][2]:.2f} ms per request", flush=True)
     finally:

@@ -21,8 +21,8 @@ AUTO_ATTENTION = {"cuda": ("flex_attention", "sdpa", "eager"), "cpu": ("sdpa", "
 ATTENTION_SUPPORT_FLAGS = {"flex_attention": "_supports_flex_attn", "sdpa": "_supports_sdpa"}
 # batching.instances=0: Triton model instances by the device rank 0 computes on. Each instance holds its batch until
 # every request of it is scored, so instances x batch size (preferred_batch_sizes, 16) bounds the requests rank 0 sees
-# at once. On GPU, 16: at 64 one-sample GRPO clients under the stand-in scorer 8 left the forwards 83 % full (the
-# rest waited in Triton's queue), 16 filled them 95 % (docs/results/2026-12-06-instances-cpu/). On the CPU, where
+# at once. On GPU, 16: at 64 one-sample GRPO clients under the stand-in scorer 8 left the forwards 78-84 % full (the
+# rest waited in Triton's queue), 16 filled them 93-95 % (docs/results/2026-12-06-instances-cpu/). On the CPU, where
 # forwards are slow and small, 2 are enough and each instance less is one Python stub process less to start.
 AUTO_INSTANCES = {"cuda": 16, "cpu": 2}
 AUTO_QUEUED_FORWARDS = 32  # batching.max_queued_tokens=null: this many forwards' token budgets

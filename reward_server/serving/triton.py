@@ -129,7 +129,6 @@ def restrictions(access_token: str, inference_token: Optional[str]) -> List[str]
     return groups
 
 
-
 def start_triton(cfg: ServeConfig, service: RewardService, instances: int, access_token: str,
                  inference_token: Optional[str] = None):
     """Start our metrics endpoint, then Triton with our models. PyTriton's Python backend stub sometimes fails its
